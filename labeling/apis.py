@@ -1,0 +1,281 @@
+"""HTTP API of the labeling core: one view per operation; each validates, calls one service, serializes."""
+from __future__ import annotations
+
+from django.contrib.auth import authenticate, get_user_model
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from labeling import selectors, services
+from labeling.errors import DomainError, Forbidden, NotFound
+from labeling.models import ApiToken, Comparison, Lease, Membership, Pair, Project
+
+
+class ErrorSerializer(serializers.Serializer):
+    class Inner(serializers.Serializer):
+        code = serializers.CharField()
+        message = serializers.CharField()
+        field = serializers.CharField(allow_null=True)
+        fields = serializers.JSONField(required=False)
+
+    error = Inner()
+
+
+ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 409)}
+
+
+def _prompt_field() -> serializers.JSONField:
+    return serializers.JSONField(help_text="A string, or a list of chat messages with 'role' and 'content'.")
+
+
+class ProjectOutput(serializers.ModelSerializer):
+    class Meta:
+        model = Project
+        fields = ["id", "name", "slug", "guidelines", "labels_per_pair", "allow_tie", "allow_both_bad",
+                  "strength_scale", "gold_rate", "created_at"]
+
+
+class PairOutput(serializers.ModelSerializer):
+    prompt = serializers.JSONField(source="prompt.content")
+    response_a = serializers.CharField(source="response_a.text")
+    response_b = serializers.CharField(source="response_b.text")
+
+    class Meta:
+        model = Pair
+        fields = ["id", "prompt", "response_a", "response_b", "priority", "gold_choice", "label_count", "status",
+                  "created_at"]
+
+
+class ComparisonOutput(serializers.ModelSerializer):
+    labeler = serializers.CharField(source="labeler.username", allow_null=True, default=None)
+    shown_choice = serializers.SerializerMethodField(help_text="The choice in the frame the labeler saw.")
+
+    class Meta:
+        model = Comparison
+        fields = ["id", "pair", "labeler", "source", "choice", "shown_choice", "strength", "margin", "rationale",
+                  "flags", "swapped", "time_ms", "created_at"]
+
+    def get_shown_choice(self, obj: Comparison) -> str:
+        return services.choice_to_frame(obj.choice, swapped=obj.swapped)
+
+
+class AuthTokenCreateApi(APIView):
+    permission_classes = [AllowAny]
+    authentication_classes: list = []
+
+    class InputSerializer(serializers.Serializer):
+        username = serializers.CharField()
+        password = serializers.CharField(style={"input_type": "password"})
+        name = serializers.CharField(required=False, allow_blank=True, default="")
+
+    class OutputSerializer(serializers.Serializer):
+        token = serializers.CharField(help_text="Shown once; send it as 'Authorization: Bearer TOKEN'.")
+        prefix = serializers.CharField()
+
+    @extend_schema(request=InputSerializer, responses={201: OutputSerializer, **ERRORS}, auth=[])
+    def post(self, request):
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        user = authenticate(request, username=data.validated_data["username"],
+                            password=data.validated_data["password"])
+        if user is None:
+            raise DomainError("Wrong username or password.", field="password", code="authentication_failed",
+                              status_code=status.HTTP_401_UNAUTHORIZED)
+        token, key = services.api_token_create(user=user, name=data.validated_data["name"])
+        return Response({"token": key, "prefix": token.prefix}, status=status.HTTP_201_CREATED)
+
+
+class ProjectListApi(APIView):
+    @extend_schema(responses={200: ProjectOutput(many=True)})
+    def get(self, request):
+        projects = selectors.project_list_for_user(user=request.user)
+        return Response(ProjectOutput(projects, many=True).data)
+
+
+class ProjectCreateApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        name = serializers.CharField(max_length=200)
+        slug = serializers.SlugField(max_length=100)
+        guidelines = serializers.CharField(required=False, allow_blank=True, default="")
+        labels_per_pair = serializers.IntegerField(min_value=1, max_value=50, default=1)
+        allow_tie = serializers.BooleanField(default=True)
+        allow_both_bad = serializers.BooleanField(default=True)
+        strength_scale = serializers.ChoiceField(choices=Project.StrengthScale.choices,
+                                                 default=Project.StrengthScale.NONE)
+        gold_rate = serializers.FloatField(min_value=0.0, max_value=1.0, default=0.0)
+
+    @extend_schema(request=InputSerializer, responses={201: ProjectOutput, **ERRORS})
+    def post(self, request):
+        if not request.user.is_staff:
+            raise Forbidden("Only admins create projects.")
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        project = services.project_create(created_by=request.user, **data.validated_data)
+        return Response(ProjectOutput(project).data, status=status.HTTP_201_CREATED)
+
+
+class ProjectDetailApi(APIView):
+    class UpdateSerializer(serializers.Serializer):
+        name = serializers.CharField(max_length=200, required=False)
+        guidelines = serializers.CharField(required=False, allow_blank=True)
+        labels_per_pair = serializers.IntegerField(min_value=1, max_value=50, required=False)
+        allow_tie = serializers.BooleanField(required=False)
+        allow_both_bad = serializers.BooleanField(required=False)
+        strength_scale = serializers.ChoiceField(choices=Project.StrengthScale.choices, required=False)
+        gold_rate = serializers.FloatField(min_value=0.0, max_value=1.0, required=False)
+
+    @extend_schema(responses={200: ProjectOutput, **ERRORS})
+    def get(self, request, slug: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user)
+        return Response(ProjectOutput(project).data)
+
+    @extend_schema(request=UpdateSerializer, responses={200: ProjectOutput, **ERRORS})
+    def patch(self, request, slug: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
+        data = self.UpdateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        project = services.project_update(project=project, **data.validated_data)
+        return Response(ProjectOutput(project).data)
+
+
+class MembershipOutput(serializers.ModelSerializer):
+    username = serializers.CharField(source="user.username")
+
+    class Meta:
+        model = Membership
+        fields = ["username", "role", "created_at"]
+
+
+class MembershipListApi(APIView):
+    @extend_schema(responses={200: MembershipOutput(many=True), **ERRORS})
+    def get(self, request, slug: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
+        members = project.memberships.select_related("user").order_by("user__username")
+        return Response(MembershipOutput(members, many=True).data)
+
+
+class MembershipSetApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        username = serializers.CharField()
+        role = serializers.ChoiceField(choices=Membership.Role.choices)
+
+    @extend_schema(request=InputSerializer, responses={200: MembershipOutput, **ERRORS})
+    def post(self, request, slug: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        user = get_user_model().objects.filter(username=data.validated_data["username"]).first()
+        if user is None:
+            raise NotFound(f"No user named '{data.validated_data['username']}'.", field="username")
+        membership = services.membership_set(project=project, user=user, role=data.validated_data["role"])
+        return Response(MembershipOutput(membership).data)
+
+
+class MembershipDeleteApi(APIView):
+    @extend_schema(responses={204: None, **ERRORS})
+    def delete(self, request, slug: str, username: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            raise NotFound(f"No user named '{username}'.", field="username")
+        services.membership_remove(project=project, user=user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class PairCreateApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        prompt = _prompt_field()
+        response_a = serializers.CharField(trim_whitespace=False)
+        response_b = serializers.CharField(trim_whitespace=False)
+        model_a = serializers.CharField(required=False, allow_blank=True, default="")
+        model_b = serializers.CharField(required=False, allow_blank=True, default="")
+        priority = serializers.IntegerField(default=0, min_value=-(2**31), max_value=2**31 - 1)
+        gold_choice = serializers.ChoiceField(choices=Comparison.Choice.choices, required=False, allow_null=True,
+                                              default=None)
+
+    @extend_schema(request=InputSerializer, responses={201: PairOutput, **ERRORS})
+    def post(self, request, slug: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        pair = services.pair_create(project=project, **data.validated_data)
+        return Response(PairOutput(pair).data, status=status.HTTP_201_CREATED)
+
+
+class AssignmentOutput(serializers.Serializer):
+    """A leased pair as the labeler sees it: `left` and `right` already in the randomized order."""
+
+    pair = serializers.IntegerField(source="pair.id")
+    prompt = serializers.JSONField(source="pair.prompt.content")
+    left = serializers.SerializerMethodField()
+    right = serializers.SerializerMethodField()
+    expires_at = serializers.DateTimeField()
+
+    def get_left(self, lease: Lease) -> str:
+        return (lease.pair.response_b if lease.swapped else lease.pair.response_a).text
+
+    def get_right(self, lease: Lease) -> str:
+        return (lease.pair.response_a if lease.swapped else lease.pair.response_b).text
+
+
+class PairNextApi(APIView):
+    @extend_schema(responses={200: AssignmentOutput, 204: None, **ERRORS})
+    def get(self, request, slug: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user)
+        lease = services.pair_next_for_labeler(project=project, labeler=request.user)
+        if lease is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        lease = Lease.objects.select_related("pair__prompt", "pair__response_a", "pair__response_b").get(pk=lease.pk)
+        return Response(AssignmentOutput(lease).data)
+
+
+class LeaseReleaseApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        pair = serializers.IntegerField(min_value=1)
+
+    @extend_schema(request=InputSerializer, responses={204: None, **ERRORS})
+    def post(self, request, slug: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.lease_release(project=project, labeler=request.user, pair_id=data.validated_data["pair"])
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ComparisonSubmitApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        pair = serializers.IntegerField(min_value=1)
+        choice = serializers.ChoiceField(choices=services.FRAME_CHOICES,
+                                         help_text="What the labeler saw: left, right, tie or both_bad.")
+        strength = serializers.IntegerField(min_value=1, max_value=3, required=False, allow_null=True, default=None)
+        rationale = serializers.CharField(required=False, allow_blank=True, default="", max_length=10000)
+        flags = serializers.ListField(child=serializers.ChoiceField(choices=Comparison.Flag.choices),
+                                      required=False, default=list, max_length=10)
+        time_ms = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False, allow_null=True,
+                                           default=None)
+
+    @extend_schema(request=InputSerializer, responses={201: ComparisonOutput, 200: ComparisonOutput, **ERRORS})
+    def post(self, request):
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        pair = Pair.objects.select_related("project").filter(pk=values["pair"]).first()
+        if pair is None:
+            raise NotFound(f"Pair {values['pair']} does not exist.", field="pair")
+        # Membership, not just a lease, is required: a removed member's leases are void.
+        selectors.project_get_for_user(slug=pair.project.slug, user=request.user)
+        result = services.comparison_submit(labeler=request.user, pair_id=values.pop("pair"), **values)
+        return Response(ComparisonOutput(result.comparison).data,
+                        status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
+
+
+class TokenRevokeApi(APIView):
+    @extend_schema(responses={204: None, **ERRORS})
+    def delete(self, request, prefix: str):
+        token = ApiToken.objects.filter(prefix=prefix, user=request.user, revoked_at__isnull=True).first()
+        if token is None:
+            raise NotFound("No active token with this prefix.", field="prefix")
+        services.api_token_revoke(token=token)
+        return Response(status=status.HTTP_204_NO_CONTENT)

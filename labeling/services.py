@@ -1,0 +1,372 @@
+"""Writes of the labeling core: projects, members, pairs, the labeling queue and comparisons."""
+from __future__ import annotations
+
+import random
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Exists, F, IntegerField, OuterRef, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from labeling.errors import Conflict, DomainError, NotFound
+from labeling.models import (
+    ApiToken,
+    Choice,
+    Comparison,
+    Lease,
+    Membership,
+    Pair,
+    Project,
+    Prompt,
+    Response,
+    content_hash,
+)
+
+# The labeler's frame: what they saw on the left and on the right.
+FRAME_CHOICES = ("left", "right", "tie", "both_bad")
+
+
+def _frame_to_choice(frame_choice: str, *, swapped: bool) -> str:
+    if frame_choice == "left":
+        return Choice.B if swapped else Choice.A
+    if frame_choice == "right":
+        return Choice.A if swapped else Choice.B
+    return frame_choice
+
+
+def choice_to_frame(choice: str, *, swapped: bool) -> str:
+    if choice == Choice.A:
+        return "right" if swapped else "left"
+    if choice == Choice.B:
+        return "left" if swapped else "right"
+    return choice
+
+
+# --- projects and members -------------------------------------------------------------------------------
+
+
+def _validate_project_settings(*, labels_per_pair: int, gold_rate: float) -> None:
+    if not 1 <= labels_per_pair <= 50:
+        raise DomainError("labels_per_pair must be between 1 and 50.", field="labels_per_pair")
+    if not 0.0 <= gold_rate <= 1.0:
+        raise DomainError("gold_rate must be between 0 and 1.", field="gold_rate")
+
+
+@transaction.atomic
+def project_create(*, name: str, slug: str, created_by: AbstractBaseUser | None = None, guidelines: str = "",
+                   labels_per_pair: int = 1, allow_tie: bool = True, allow_both_bad: bool = True,
+                   strength_scale: str = Project.StrengthScale.NONE, gold_rate: float = 0.0) -> Project:
+    _validate_project_settings(labels_per_pair=labels_per_pair, gold_rate=gold_rate)
+    if Project.objects.filter(slug=slug).exists():
+        raise Conflict(f"A project with slug '{slug}' already exists.", field="slug")
+    project = Project.objects.create(
+        name=name, slug=slug, guidelines=guidelines, labels_per_pair=labels_per_pair, allow_tie=allow_tie,
+        allow_both_bad=allow_both_bad, strength_scale=strength_scale, gold_rate=gold_rate,
+    )
+    if created_by is not None:
+        Membership.objects.create(project=project, user=created_by, role=Membership.Role.MANAGER)
+    return project
+
+
+@transaction.atomic
+def project_update(*, project: Project, **fields: Any) -> Project:
+    allowed = {"name", "guidelines", "labels_per_pair", "allow_tie", "allow_both_bad", "strength_scale", "gold_rate"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise DomainError(f"Unknown project setting: {sorted(unknown)[0]}.", field=sorted(unknown)[0])
+    _validate_project_settings(labels_per_pair=fields.get("labels_per_pair", project.labels_per_pair),
+                               gold_rate=fields.get("gold_rate", project.gold_rate))
+    for key, value in fields.items():
+        setattr(project, key, value)
+    project.save()
+    if "labels_per_pair" in fields:
+        pair_statuses_refresh(project=project)
+    return project
+
+
+def pair_statuses_refresh(*, project: Project) -> None:
+    """Re-derive open/complete for every non-gold pair after the overlap changed."""
+    pairs = Pair.objects.filter(project=project, gold_choice__isnull=True)
+    pairs.filter(label_count__gte=project.labels_per_pair).update(status=Pair.Status.COMPLETE)
+    pairs.filter(label_count__lt=project.labels_per_pair).update(status=Pair.Status.OPEN)
+
+
+@transaction.atomic
+def membership_set(*, project: Project, user: AbstractBaseUser, role: str) -> Membership:
+    if role not in Membership.Role.values:
+        raise DomainError(f"Unknown role '{role}'.", field="role")
+    membership, _ = Membership.objects.update_or_create(project=project, user=user, defaults={"role": role})
+    return membership
+
+
+@transaction.atomic
+def membership_remove(*, project: Project, user: AbstractBaseUser) -> None:
+    deleted, _ = Membership.objects.filter(project=project, user=user).delete()
+    if not deleted:
+        raise NotFound(f"{user} is not a member of {project.slug}.", field="user")
+    Lease.objects.filter(pair__project=project, labeler=user).delete()
+
+
+# --- API tokens -----------------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def api_token_create(*, user: AbstractBaseUser, name: str = "", scope: str = ApiToken.Scope.USER,
+                     project: Project | None = None) -> tuple[ApiToken, str]:
+    """Create a token and return it with its secret, which is not stored and cannot be shown again."""
+    if scope not in ApiToken.Scope.values:
+        raise DomainError(f"Unknown scope '{scope}'.", field="scope")
+    if scope != ApiToken.Scope.USER and project is None:
+        raise DomainError("A scoped key needs a project.", field="project")
+    key = f"pfl_{secrets.token_urlsafe(32)}"
+    token = ApiToken.objects.create(key_hash=ApiToken.hash_key(key), prefix=key[:12], name=name, scope=scope,
+                                    user=user, project=project)
+    return token, key
+
+
+@transaction.atomic
+def api_token_revoke(*, token: ApiToken) -> ApiToken:
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])
+    return token
+
+
+# --- prompts, responses, pairs --------------------------------------------------------------------------
+
+
+def _validate_prompt(content: Any) -> None:
+    if isinstance(content, str):
+        if not content.strip():
+            raise DomainError("The prompt is empty.", field="prompt")
+        return
+    if not isinstance(content, list) or not content:
+        raise DomainError("A prompt is a non-empty string or a non-empty list of chat messages.", field="prompt")
+    for index, message in enumerate(content):
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
+            raise DomainError(f"Message {index} needs string 'role' and 'content'.", field=f"prompt[{index}]")
+
+
+def prompt_get_or_create(*, project: Project, content: Any) -> Prompt:
+    _validate_prompt(content)
+    prompt, _ = Prompt.objects.get_or_create(project=project, content_hash=content_hash(content),
+                                             defaults={"content": content})
+    return prompt
+
+
+def response_get_or_create(*, project: Project, text: str, model_name: str = "",
+                           metadata: dict[str, Any] | None = None, field: str = "response") -> Response:
+    if not isinstance(text, str) or not text.strip():
+        raise DomainError("A response must be a non-empty string.", field=field)
+    response, _ = Response.objects.get_or_create(
+        project=project, content_hash=content_hash(text),
+        defaults={"text": text, "model_name": model_name, "metadata": metadata or {}},
+    )
+    return response
+
+
+@transaction.atomic
+def pair_create(*, project: Project, prompt: Any, response_a: str, response_b: str, priority: int = 0,
+                gold_choice: str | None = None, model_a: str = "", model_b: str = "", source: str = "manual") -> Pair:
+    if response_a == response_b:
+        raise DomainError("The two responses of a pair must differ.", field="response_b")
+    if gold_choice is not None and gold_choice not in Choice.values:
+        raise DomainError(f"Unknown gold choice '{gold_choice}'.", field="gold_choice")
+    prompt_obj = prompt_get_or_create(project=project, content=prompt)
+    a = response_get_or_create(project=project, text=response_a, model_name=model_a, field="response_a")
+    b = response_get_or_create(project=project, text=response_b, model_name=model_b, field="response_b")
+    low, high = sorted([a.pk, b.pk])
+    if Pair.objects.filter(project=project, prompt=prompt_obj, response_a_id__in=[low, high],
+                           response_b_id__in=[low, high]).exists():
+        raise Conflict("This pair already exists in the project.", code="duplicate")
+    return Pair.objects.create(project=project, prompt=prompt_obj, response_a=a, response_b=b, priority=priority,
+                               gold_choice=gold_choice, source=source)
+
+
+# --- the queue ------------------------------------------------------------------------------------------
+
+
+def _lease_seconds() -> int:
+    return int(settings.PREFLAB["LEASE_SECONDS"])
+
+
+def _active_leases(*, now, exclude_labeler: AbstractBaseUser | None = None):
+    leases = Lease.objects.filter(pair=OuterRef("pk"), expires_at__gt=now)
+    if exclude_labeler is not None:
+        leases = leases.exclude(labeler=exclude_labeler)
+    return Coalesce(Subquery(leases.values("pair").annotate(n=Count("*")).values("n"), output_field=IntegerField()),
+                    Value(0))
+
+
+def _has_free_slot(*, pair: Pair, labeler: AbstractBaseUser, now) -> bool:
+    """Checked with a fresh statement while the pair's row is locked, so it sees every committed lease."""
+    if pair.is_gold:
+        return True
+    others = Lease.objects.filter(pair=pair, expires_at__gt=now).exclude(labeler=labeler).count()
+    return pair.label_count + others < pair.project.labels_per_pair
+
+
+def _grant(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease:
+    lease, _ = Lease.objects.update_or_create(
+        pair=pair, labeler=labeler,
+        defaults={"swapped": random.random() < 0.5, "expires_at": now + timedelta(seconds=_lease_seconds())},
+    )
+    return lease
+
+
+def _try_candidates(*, candidates, labeler: AbstractBaseUser, now, attempts: int = 5) -> Lease | None:
+    tried: list[int] = []
+    for _ in range(attempts):
+        qs = candidates.exclude(pk__in=tried) if tried else candidates
+        pair = qs.select_for_update(skip_locked=True, of=("self",)).first()
+        if pair is None:
+            return None
+        if _has_free_slot(pair=pair, labeler=labeler, now=now):
+            return _grant(pair=pair, labeler=labeler, now=now)
+        tried.append(pair.pk)
+    return None
+
+
+@transaction.atomic
+def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser, rng: random.Random | None = None) -> Lease | None:
+    """Lease the labeler one pair that still needs labels, or return None when the queue is empty for them.
+
+    A labeler who already holds an unexpired lease in the project gets that pair again (a page reload must
+    not hand out a second pair). Otherwise gold pairs come at the project's gold rate, then open pairs by
+    priority. Rows are locked with SKIP LOCKED so concurrent labelers never wait on, or double-book, a slot.
+    """
+    now = timezone.now()
+    held = (Lease.objects.select_related("pair", "pair__project")
+            .filter(labeler=labeler, pair__project=project, expires_at__gt=now).order_by("created_at").first())
+    if held is not None:
+        held.expires_at = now + timedelta(seconds=_lease_seconds())
+        held.save(update_fields=["expires_at"])
+        return held
+
+    labeled_by_me = Comparison.objects.filter(pair=OuterRef("pk"), labeler=labeler)
+    draw = (rng or random).random()
+    if project.gold_rate > 0 and draw < project.gold_rate:
+        gold = (Pair.objects.select_related("project").filter(project=project, gold_choice__isnull=False)
+                .exclude(Exists(labeled_by_me)).order_by("label_count", "id"))
+        lease = _try_candidates(candidates=gold, labeler=labeler, now=now)
+        if lease is not None:
+            return lease
+
+    open_pairs = (
+        Pair.objects.select_related("project")
+        .filter(project=project, status=Pair.Status.OPEN, gold_choice__isnull=True)
+        .exclude(Exists(labeled_by_me))
+        .annotate(active_leases=_active_leases(now=now))
+        .filter(label_count__lt=Value(project.labels_per_pair) - F("active_leases"))
+        .order_by("-priority", "id")
+    )
+    return _try_candidates(candidates=open_pairs, labeler=labeler, now=now)
+
+
+@transaction.atomic
+def lease_release(*, project: Project, labeler: AbstractBaseUser, pair_id: int) -> None:
+    """Give a leased pair back to the queue (the labeler skipped it)."""
+    deleted, _ = Lease.objects.filter(pair_id=pair_id, pair__project=project, labeler=labeler).delete()
+    if not deleted:
+        raise NotFound("You hold no lease on this pair.", field="pair")
+
+
+def leases_expired_delete(*, older_than: timedelta = timedelta(0)) -> int:
+    deleted, _ = Lease.objects.filter(expires_at__lt=timezone.now() - older_than).delete()
+    return deleted
+
+
+# --- comparisons ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    comparison: Comparison
+    created: bool
+
+
+def _validate_submission(*, project: Project, choice: str, strength: int | None, flags: list[str]) -> None:
+    if choice == Choice.TIE and not project.allow_tie:
+        raise DomainError("This project does not allow ties.", field="choice")
+    if choice == Choice.BOTH_BAD and not project.allow_both_bad:
+        raise DomainError("This project does not allow 'both bad'.", field="choice")
+    if strength is not None:
+        if project.strength_scale == Project.StrengthScale.NONE:
+            raise DomainError("This project does not record a strength.", field="strength")
+        if not 1 <= strength <= 3:
+            raise DomainError("strength must be 1, 2 or 3.", field="strength")
+        if choice in (Choice.TIE, Choice.BOTH_BAD):
+            raise DomainError("A strength applies only when one response is better.", field="strength")
+    unknown = [flag for flag in flags if flag not in Comparison.Flag.values]
+    if unknown:
+        raise DomainError(f"Unknown flag '{unknown[0]}'.", field="flags")
+
+
+def comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, choice: str, strength: int | None = None,
+                      rationale: str = "", flags: list[str] | None = None, time_ms: int | None = None) -> SubmitResult:
+    """Record a labeler's choice for a pair leased to them. `choice` is in the labeler's frame (left/right as
+    shown) and is stored in the pair's A/B frame. Re-posting the same comparison returns the stored one."""
+    if choice not in FRAME_CHOICES:
+        raise DomainError(f"choice must be one of {', '.join(FRAME_CHOICES)}.", field="choice")
+    flags = sorted(set(flags or []))
+    try:
+        return _comparison_submit(labeler=labeler, pair_id=pair_id, frame_choice=choice, strength=strength,
+                                  rationale=rationale, flags=flags, time_ms=time_ms)
+    except IntegrityError:
+        # Another request of the same labeler stored its comparison first (the database refused a second).
+        existing = Comparison.objects.filter(pair_id=pair_id, labeler=labeler).first()
+        if existing is None:
+            raise
+        return _same_or_conflict(existing=existing, frame_choice=choice, strength=strength, rationale=rationale,
+                                 flags=flags)
+
+
+def _same_or_conflict(*, existing: Comparison, frame_choice: str, strength: int | None, rationale: str,
+                      flags: list[str]) -> SubmitResult:
+    same = (existing.choice == _frame_to_choice(frame_choice, swapped=existing.swapped)
+            and existing.strength == strength and existing.rationale == rationale and sorted(existing.flags) == flags)
+    if not same:
+        raise Conflict("You already labeled this pair with a different answer.", field="pair", code="already_labeled")
+    return SubmitResult(comparison=existing, created=False)
+
+
+@transaction.atomic
+def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice: str, strength: int | None,
+                       rationale: str, flags: list[str], time_ms: int | None) -> SubmitResult:
+    pair = Pair.objects.select_for_update(of=("self",)).select_related("project").filter(pk=pair_id).first()
+    if pair is None:
+        raise NotFound(f"Pair {pair_id} does not exist.", field="pair")
+    existing = Comparison.objects.filter(pair=pair, labeler=labeler).first()
+    if existing is not None:
+        return _same_or_conflict(existing=existing, frame_choice=frame_choice, strength=strength,
+                                 rationale=rationale, flags=flags)
+    lease = Lease.objects.filter(pair=pair, labeler=labeler).first()
+    if lease is None:
+        raise Conflict("This pair is not leased to you; ask the queue for a pair first.", field="pair",
+                       code="not_leased")
+    now = timezone.now()
+    if lease.expires_at <= now and not _has_free_slot(pair=pair, labeler=labeler, now=now):
+        raise Conflict("Your lease on this pair expired and its slot went to another labeler.", field="pair",
+                       code="lease_expired")
+    if not pair.is_gold and pair.label_count >= pair.project.labels_per_pair:
+        raise Conflict("This pair already has all the labels it needs.", field="pair", code="pair_complete")
+    choice = _frame_to_choice(frame_choice, swapped=lease.swapped)
+    _validate_submission(project=pair.project, choice=choice, strength=strength, flags=flags)
+    comparison = Comparison.objects.create(
+        pair=pair, labeler=labeler, source=Comparison.Source.LABEL, choice=choice, strength=strength,
+        rationale=rationale, flags=flags, swapped=lease.swapped, time_ms=time_ms,
+    )
+    pair.label_count = F("label_count") + 1
+    pair.save(update_fields=["label_count"])
+    pair.refresh_from_db(fields=["label_count"])
+    if not pair.is_gold and pair.label_count >= pair.project.labels_per_pair:
+        Pair.objects.filter(pk=pair.pk).update(status=Pair.Status.COMPLETE)
+    lease.delete()
+    return SubmitResult(comparison=comparison, created=True)

@@ -1,0 +1,2 @@
+"""Tables of training runs and the model registry."""
+from __future__ import annotations

@@ -1,0 +1,61 @@
+"""Shared fixtures: API clients per role, projects with members, and database helpers."""
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from rest_framework.test import APIClient
+
+from labeling.models import Membership
+from labeling.services import api_token_create
+from tests.factories import ProjectFactory, UserFactory
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_pg = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL); SQLite has no row locks")
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        for item in items:
+            if "postgres" in item.keywords:
+                item.add_marker(skip_pg)
+
+
+@pytest.fixture
+def is_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def client_for(user) -> APIClient:
+    client = APIClient()
+    _, key = api_token_create(user=user, name="test")
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
+
+
+@pytest.fixture
+def project(db):
+    return ProjectFactory()
+
+
+@pytest.fixture
+def manager(project):
+    user = UserFactory()
+    Membership.objects.create(project=project, user=user, role=Membership.Role.MANAGER)
+    return user
+
+
+@pytest.fixture
+def labeler(project):
+    user = UserFactory()
+    Membership.objects.create(project=project, user=user, role=Membership.Role.LABELER)
+    return user
+
+
+@pytest.fixture
+def admin_user(db):
+    return UserFactory(is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def outsider(db):
+    return UserFactory()

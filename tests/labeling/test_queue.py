@@ -1,0 +1,268 @@
+"""The labeling queue and comparison submission: leases, A/B frames, idempotency and races."""
+from __future__ import annotations
+
+import random
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from labeling import services
+from labeling.errors import Conflict, DomainError
+from labeling.models import Comparison, Lease, Membership, Pair
+from tests.conftest import client_for
+from tests.factories import PairFactory, ProjectFactory, UserFactory
+
+
+def _member(project, role=Membership.Role.LABELER):
+    user = UserFactory()
+    Membership.objects.create(project=project, user=user, role=role)
+    return user
+
+
+@pytest.mark.django_db
+def test_next_gives_highest_priority_first_and_same_pair_again_until_submitted(project, labeler):
+    low = PairFactory(project=project, priority=0)
+    high = PairFactory(project=project, priority=5)
+    lease = services.pair_next_for_labeler(project=project, labeler=labeler)
+    assert lease.pair_id == high.pk
+    again = services.pair_next_for_labeler(project=project, labeler=labeler)
+    assert again.pk == lease.pk and again.pair_id == high.pk
+    services.comparison_submit(labeler=labeler, pair_id=high.pk, choice="left")
+    assert services.pair_next_for_labeler(project=project, labeler=labeler).pair_id == low.pk
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("swapped", [False, True])
+def test_submit_translates_the_labelers_frame_back_to_a_b(project, labeler, swapped):
+    pair = PairFactory(project=project)
+    lease = services.pair_next_for_labeler(project=project, labeler=labeler)
+    Lease.objects.filter(pk=lease.pk).update(swapped=swapped)
+    result = services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="left", time_ms=1200)
+    assert result.created
+    stored = Comparison.objects.get(pk=result.comparison.pk)
+    assert stored.choice == ("b" if swapped else "a")
+    assert stored.swapped is swapped
+    assert stored.time_ms == 1200
+    pair.refresh_from_db()
+    assert pair.label_count == 1 and pair.status == Pair.Status.COMPLETE
+    assert not Lease.objects.filter(pair=pair).exists()
+
+
+@pytest.mark.django_db
+def test_ab_order_is_randomized_across_assignments(project):
+    pairs = [PairFactory(project=project) for _ in range(40)]
+    labeler = _member(project)
+    seen = set()
+    for _ in pairs:
+        lease = services.pair_next_for_labeler(project=project, labeler=labeler)
+        seen.add(lease.swapped)
+        services.comparison_submit(labeler=labeler, pair_id=lease.pair_id, choice="tie")
+    assert seen == {True, False}
+
+
+@pytest.mark.django_db
+def test_resubmitting_the_same_comparison_is_idempotent_and_a_different_one_conflicts(project, labeler):
+    pair = PairFactory(project=project)
+    services.pair_next_for_labeler(project=project, labeler=labeler)
+    first = services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="right", rationale="clearer")
+    second = services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="right", rationale="clearer")
+    assert first.created and not second.created
+    assert first.comparison.pk == second.comparison.pk
+    with pytest.raises(Conflict) as exc:
+        services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="left")
+    assert exc.value.code == "already_labeled"
+    assert Comparison.objects.filter(pair=pair).count() == 1
+
+
+@pytest.mark.django_db
+def test_submit_without_a_lease_is_refused(project, labeler):
+    pair = PairFactory(project=project)
+    other = _member(project)
+    services.pair_next_for_labeler(project=project, labeler=other)
+    with pytest.raises(Conflict) as exc:
+        services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="left")
+    assert exc.value.code == "not_leased"
+    assert not Comparison.objects.exists()
+
+
+@pytest.mark.django_db
+def test_overlap_gives_each_pair_to_distinct_labelers_up_to_the_limit(db):
+    project = ProjectFactory(labels_per_pair=3)
+    pair = PairFactory(project=project)
+    labelers = [_member(project) for _ in range(4)]
+    for labeler in labelers[:3]:
+        lease = services.pair_next_for_labeler(project=project, labeler=labeler)
+        assert lease.pair_id == pair.pk
+    # Three active leases fill the three slots: the fourth labeler gets nothing.
+    assert services.pair_next_for_labeler(project=project, labeler=labelers[3]) is None
+    for labeler in labelers[:3]:
+        services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="left")
+    pair.refresh_from_db()
+    assert pair.label_count == 3 and pair.status == Pair.Status.COMPLETE
+    assert services.pair_next_for_labeler(project=project, labeler=labelers[3]) is None
+
+
+@pytest.mark.django_db
+def test_expired_lease_returns_the_pair_to_the_queue(project, labeler):
+    pair = PairFactory(project=project)
+    other = _member(project)
+    services.pair_next_for_labeler(project=project, labeler=labeler)
+    assert services.pair_next_for_labeler(project=project, labeler=other) is None
+    Lease.objects.filter(labeler=labeler).update(expires_at=timezone.now() - timedelta(seconds=1))
+    lease = services.pair_next_for_labeler(project=project, labeler=other)
+    assert lease.pair_id == pair.pk
+    # The first labeler's lease expired and the slot went to someone else: their late submit is refused.
+    with pytest.raises(Conflict) as exc:
+        services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="left")
+    assert exc.value.code == "lease_expired"
+
+
+@pytest.mark.django_db
+def test_gold_pairs_are_served_at_the_gold_rate(db):
+    project = ProjectFactory(gold_rate=1.0)
+    PairFactory(project=project, priority=10)
+    gold = PairFactory(project=project, gold_choice="a")
+    labeler = _member(project)
+    lease = services.pair_next_for_labeler(project=project, labeler=labeler, rng=random.Random(0))
+    assert lease.pair_id == gold.pk
+    project.gold_rate = 0.0
+    project.save()
+    services.comparison_submit(labeler=labeler, pair_id=gold.pk, choice="tie")
+    assert services.pair_next_for_labeler(project=project, labeler=labeler).pair_id != gold.pk
+
+
+@pytest.mark.django_db
+def test_project_rules_on_choice_and_strength(db):
+    project = ProjectFactory(allow_tie=False, strength_scale="1-3")
+    pair = PairFactory(project=project)
+    labeler = _member(project)
+    services.pair_next_for_labeler(project=project, labeler=labeler)
+    with pytest.raises(DomainError) as exc:
+        services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="tie")
+    assert exc.value.field == "choice"
+    with pytest.raises(DomainError) as exc:
+        services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="both_bad", strength=2)
+    assert exc.value.field == "strength"
+    ok = services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="left", strength=3, flags=["unsafe"])
+    assert ok.comparison.strength == 3 and ok.comparison.flags == ["unsafe"]
+
+
+@pytest.mark.django_db
+def test_identical_responses_are_refused(project):
+    with pytest.raises(DomainError) as exc:
+        services.pair_create(project=project, prompt="hi", response_a="same", response_b="same")
+    assert exc.value.field == "response_b"
+    assert not Pair.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_pair_is_the_same_whichever_response_is_a(project):
+    services.pair_create(project=project, prompt="hi", response_a="one", response_b="two")
+    with pytest.raises(Conflict):
+        services.pair_create(project=project, prompt="hi", response_a="two", response_b="one")
+    assert Pair.objects.count() == 1
+
+
+def _race(workers: int, target) -> list:
+    """Run `target(i)` in `workers` threads released at once; each thread has its own connection."""
+    barrier = threading.Barrier(workers)
+    results: list = [None] * workers
+
+    def run(i: int) -> None:
+        close_old_connections()
+        try:
+            barrier.wait()
+            results[i] = target(i)
+        except Exception as exc:  # noqa: BLE001 - the test inspects what each racer got
+            results[i] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_labelers_racing_for_the_last_slot_only_one_gets_it():
+    project = ProjectFactory(labels_per_pair=2)
+    pair = PairFactory(project=project)
+    first, a, b = _member(project), _member(project), _member(project)
+    services.pair_next_for_labeler(project=project, labeler=first)
+    services.comparison_submit(labeler=first, pair_id=pair.pk, choice="left")
+    racers = [a, b]
+    results = _race(2, lambda i: services.pair_next_for_labeler(project=project, labeler=racers[i]))
+    granted = [r for r in results if isinstance(r, Lease)]
+    assert len(granted) == 1, results
+    assert results.count(None) == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_many_labelers_racing_with_overlap_never_overfill_a_pair():
+    project = ProjectFactory(labels_per_pair=3)
+    for _ in range(10):
+        PairFactory(project=project)
+    labelers = [_member(project) for _ in range(12)]
+
+    def label_all(i: int) -> int:
+        done = 0
+        while True:
+            lease = services.pair_next_for_labeler(project=project, labeler=labelers[i])
+            if lease is None:
+                return done
+            services.comparison_submit(labeler=labelers[i], pair_id=lease.pair_id, choice="left")
+            done += 1
+
+    results = _race(len(labelers), label_all)
+    assert all(isinstance(r, int) for r in results), results
+    assert sum(results) == 30
+    for pair in Pair.objects.filter(project=project):
+        assert pair.label_count == 3
+        assert pair.comparisons.count() == 3
+        assert pair.comparisons.values("labeler").distinct().count() == 3
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_simultaneous_identical_submits_store_one_comparison():
+    project = ProjectFactory()
+    pair = PairFactory(project=project)
+    labeler = _member(project)
+    services.pair_next_for_labeler(project=project, labeler=labeler)
+    results = _race(8, lambda i: services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="right"))
+    assert all(isinstance(r, services.SubmitResult) for r in results), results
+    assert sum(r.created for r in results) == 1
+    assert Comparison.objects.filter(pair=pair).count() == 1
+
+
+@pytest.mark.django_db
+def test_next_and_submit_over_http(project, labeler, outsider):
+    pair = PairFactory(project=project)
+    client = client_for(labeler)
+    response = client.get(f"/api/v1/projects/{project.slug}/next/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["pair"] == pair.pk
+    assert {body["left"], body["right"]} == {pair.response_a.text, pair.response_b.text}
+    shown_left_is_a = body["left"] == pair.response_a.text
+    response = client.post("/api/v1/comparisons/", {"pair": pair.pk, "choice": "left"}, format="json")
+    assert response.status_code == 201, response.json()
+    assert response.json()["choice"] == ("a" if shown_left_is_a else "b")
+    assert response.json()["shown_choice"] == "left"
+    again = client.post("/api/v1/comparisons/", {"pair": pair.pk, "choice": "left"}, format="json")
+    assert again.status_code == 200
+    assert client.get(f"/api/v1/projects/{project.slug}/next/").status_code == 204
+
+    stranger = client_for(outsider)
+    assert stranger.get(f"/api/v1/projects/{project.slug}/next/").status_code == 404
+    bad = client.post("/api/v1/comparisons/", {"pair": pair.pk, "choice": "up"}, format="json")
+    assert bad.status_code == 400
+    assert bad.json()["error"]["field"] == "choice"

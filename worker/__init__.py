@@ -1,0 +1,4 @@
+"""Background work: the Celery app and its thin tasks."""
+from .celery import app as celery_app
+
+__all__ = ["celery_app"]
