@@ -86,13 +86,13 @@ class Prompt(models.Model):
             return self.content
         return [{"role": "user", "content": self.content}]
 
+    def __str__(self) -> str:
+        return self.as_text()[:60]
+
     def as_text(self) -> str:
         if not self.is_chat:
             return self.content
         return "\n\n".join(f"{m['role']}: {m['content']}" for m in self.content)
-
-    def __str__(self) -> str:
-        return self.as_text()[:60]
 
 
 class Response(models.Model):
@@ -127,7 +127,8 @@ class Pair(models.Model):
     response_a = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
     response_b = models.ForeignKey(Response, on_delete=models.CASCADE, related_name="+")
     priority = models.IntegerField(default=0)
-    gold_choice = models.CharField(max_length=16, choices=Choice.choices, null=True, blank=True)
+    # NULL means "not a gold pair"; the partial indexes of the queue key on it.
+    gold_choice = models.CharField(max_length=16, choices=Choice.choices, null=True, blank=True)  # noqa: DJ001
     # Labels so far (human and imported); kept in step with Comparison rows under the pair's row lock.
     label_count = models.PositiveIntegerField(default=0)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
@@ -150,12 +151,12 @@ class Pair(models.Model):
             models.Index(fields=["project", "id"], name="pair_gold", condition=Q(gold_choice__isnull=False)),
         ]
 
+    def __str__(self) -> str:
+        return f"pair {self.pk} of {self.project_id}"
+
     @property
     def is_gold(self) -> bool:
         return self.gold_choice is not None
-
-    def __str__(self) -> str:
-        return f"pair {self.pk} of {self.project_id}"
 
 
 class Lease(models.Model):
@@ -171,6 +172,9 @@ class Lease(models.Model):
         constraints = [models.UniqueConstraint(fields=["pair", "labeler"], name="lease_unique")]
         indexes = [models.Index(fields=["pair", "expires_at"], name="lease_pair_expiry"),
                    models.Index(fields=["labeler", "expires_at"], name="lease_labeler_expiry")]
+
+    def __str__(self) -> str:
+        return f"lease of pair {self.pair_id} to {self.labeler_id}"
 
 
 class Comparison(models.Model):
@@ -206,7 +210,8 @@ class Comparison(models.Model):
                                     condition=Q(labeler__isnull=False)),
             models.UniqueConstraint(fields=["pair"], name="comparison_one_import_per_pair",
                                     condition=Q(source="import")),
-            models.CheckConstraint(condition=Q(choice__in=["a", "b", "tie", "both_bad"]), name="comparison_choice_valid"),
+            models.CheckConstraint(condition=Q(choice__in=["a", "b", "tie", "both_bad"]),
+                                   name="comparison_choice_valid"),
             models.CheckConstraint(condition=Q(strength__isnull=True) | Q(strength__gte=1, strength__lte=3),
                                    name="comparison_strength_range"),
             models.CheckConstraint(
@@ -243,6 +248,9 @@ class ApiToken(models.Model):
             models.CheckConstraint(condition=Q(scope="user") | Q(project__isnull=False),
                                    name="api_token_scoped_has_project"),
         ]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.scope})"
 
     @staticmethod
     def hash_key(key: str) -> str:

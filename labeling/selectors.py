@@ -1,11 +1,15 @@
 """Reads of the labeling core: who may see which project, and querysets for the API and pages."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import groupby
+
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
 from labeling.errors import Forbidden, NotFound
-from labeling.models import Membership, Project
+from labeling.models import Comparison, Membership, Project
 
 
 def project_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Project]:
@@ -33,3 +37,60 @@ def project_get_for_user(*, slug: str, user: AbstractBaseUser, manage: bool = Fa
     if manage and role not in ("admin", Membership.Role.MANAGER):
         raise Forbidden("Only the project's managers can do this.", field="project")
     return project
+
+
+# --- aggregation: the one definition of "which response won" ------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreferenceRow:
+    """One decided pair: the majority's chosen and rejected responses, with the labels behind it."""
+
+    pair_id: int
+    prompt: str | list[dict[str, str]]
+    chosen: str
+    rejected: str
+    margin: float | None
+    comparison_ids: tuple[int, ...]
+
+
+def pair_decision(choices: list[tuple[str, int | None, float | None]]) -> tuple[str, float | None] | None:
+    """Majority vote over (choice, strength, margin) labels of one pair. Returns ('a'|'b', margin) or None when
+    the majority is a tie or both-bad, or A and B have equal votes. The margin is the imported margin where
+    one was given, else the mean strength of the winning votes that carry one."""
+    votes = {"a": 0, "b": 0, "tie": 0, "both_bad": 0}
+    for choice, _, _ in choices:
+        votes[choice] += 1
+    top = max(votes.values())
+    winners = [c for c, n in votes.items() if n == top]
+    if len(winners) != 1 or winners[0] not in ("a", "b"):
+        return None
+    winner = winners[0]
+    margins = [m for c, _, m in choices if c == winner and m is not None]
+    if margins:
+        return winner, sum(margins) / len(margins)
+    strengths = [s for c, s, _ in choices if c == winner and s is not None]
+    return winner, (sum(strengths) / len(strengths) if strengths else None)
+
+
+def preference_rows(*, project: Project, comparison_ids: Iterable[int] | None = None,
+                    chunk_size: int = 2000) -> Iterator[PreferenceRow]:
+    """Stream the project's decided pairs in pair order (constant memory): gold pairs and pairs without a
+    clear A/B majority are left out. `comparison_ids` limits the vote to a frozen set of comparisons."""
+    comparisons = Comparison.objects.filter(pair__project=project)
+    if comparison_ids is not None:
+        comparisons = comparisons.filter(pk__in=list(comparison_ids))
+    rows = comparisons.order_by("pair_id", "id").values_list(
+        "pair_id", "id", "choice", "strength", "margin",
+        "pair__prompt__content", "pair__response_a__text", "pair__response_b__text",
+    ).iterator(chunk_size=chunk_size)
+    for pair_id, group in groupby(rows, key=lambda row: row[0]):
+        labels = list(group)
+        decided = pair_decision([(row[2], row[3], row[4]) for row in labels])
+        if decided is None:
+            continue
+        winner, margin = decided
+        _, _, _, _, _, prompt, text_a, text_b = labels[0]
+        chosen, rejected = (text_a, text_b) if winner == "a" else (text_b, text_a)
+        yield PreferenceRow(pair_id=pair_id, prompt=prompt, chosen=chosen, rejected=rejected, margin=margin,
+                            comparison_ids=tuple(row[1] for row in labels))

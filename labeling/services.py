@@ -235,7 +235,8 @@ def _try_candidates(*, candidates, labeler: AbstractBaseUser, now, attempts: int
 
 
 @transaction.atomic
-def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser, rng: random.Random | None = None) -> Lease | None:
+def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
+                          rng: random.Random | None = None) -> Lease | None:
     """Lease the labeler one pair that still needs labels, or return None when the queue is empty for them.
 
     A labeler who already holds an unexpired lease in the project gets that pair again (a page reload must
