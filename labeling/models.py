@@ -76,6 +76,9 @@ class Prompt(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["project", "content_hash"], name="prompt_unique_content")]
 
+    def __str__(self) -> str:
+        return self.as_text()[:60]
+
     @property
     def is_chat(self) -> bool:
         return isinstance(self.content, list)
@@ -85,9 +88,6 @@ class Prompt(models.Model):
         if self.is_chat:
             return self.content
         return [{"role": "user", "content": self.content}]
-
-    def __str__(self) -> str:
-        return self.as_text()[:60]
 
     def as_text(self) -> str:
         if not self.is_chat:
