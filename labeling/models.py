@@ -165,6 +165,8 @@ class Lease(models.Model):
     pair = models.ForeignKey(Pair, on_delete=models.CASCADE, related_name="leases")
     labeler = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="leases")
     swapped = models.BooleanField(help_text="True when response B was shown on the left.")
+    # A skipped pair keeps its (expired) lease row so the queue does not offer it to the same labeler again.
+    skipped = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField()
 

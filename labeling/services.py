@@ -245,17 +245,19 @@ def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
     """
     now = timezone.now()
     held = (Lease.objects.select_related("pair", "pair__project")
-            .filter(labeler=labeler, pair__project=project, expires_at__gt=now).order_by("created_at").first())
+            .filter(labeler=labeler, pair__project=project, expires_at__gt=now, skipped=False)
+            .order_by("created_at").first())
     if held is not None:
         held.expires_at = now + timedelta(seconds=_lease_seconds())
         held.save(update_fields=["expires_at"])
         return held
 
     labeled_by_me = Comparison.objects.filter(pair=OuterRef("pk"), labeler=labeler)
+    skipped_by_me = Lease.objects.filter(pair=OuterRef("pk"), labeler=labeler, skipped=True)
     draw = (rng or random).random()
     if project.gold_rate > 0 and draw < project.gold_rate:
         gold = (Pair.objects.select_related("project").filter(project=project, gold_choice__isnull=False)
-                .exclude(Exists(labeled_by_me)).order_by("label_count", "id"))
+                .exclude(Exists(labeled_by_me)).exclude(Exists(skipped_by_me)).order_by("label_count", "id"))
         lease = _try_candidates(candidates=gold, labeler=labeler, now=now)
         if lease is not None:
             return lease
@@ -264,6 +266,7 @@ def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
         Pair.objects.select_related("project")
         .filter(project=project, status=Pair.Status.OPEN, gold_choice__isnull=True)
         .exclude(Exists(labeled_by_me))
+        .exclude(Exists(skipped_by_me))
         .annotate(active_leases=_active_leases(now=now))
         .filter(label_count__lt=Value(project.labels_per_pair) - F("active_leases"))
         .order_by("-priority", "id")
@@ -273,14 +276,17 @@ def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
 
 @transaction.atomic
 def lease_release(*, project: Project, labeler: AbstractBaseUser, pair_id: int) -> None:
-    """Give a leased pair back to the queue (the labeler skipped it)."""
-    deleted, _ = Lease.objects.filter(pair_id=pair_id, pair__project=project, labeler=labeler).delete()
-    if not deleted:
+    """The labeler skipped a leased pair: its slot goes back to the queue for others, and the queue does not
+    offer it to this labeler again."""
+    updated = (Lease.objects.filter(pair_id=pair_id, pair__project=project, labeler=labeler, skipped=False)
+               .update(skipped=True, expires_at=timezone.now()))
+    if not updated:
         raise NotFound("You hold no lease on this pair.", field="pair")
 
 
 def leases_expired_delete(*, older_than: timedelta = timedelta(0)) -> int:
-    deleted, _ = Lease.objects.filter(expires_at__lt=timezone.now() - older_than).delete()
+    """Housekeeping: drop expired leases; skipped ones stay, they remember what a labeler passed on."""
+    deleted, _ = Lease.objects.filter(expires_at__lt=timezone.now() - older_than, skipped=False).delete()
     return deleted
 
 
@@ -348,7 +354,7 @@ def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice:
     if existing is not None:
         return _same_or_conflict(existing=existing, frame_choice=frame_choice, strength=strength,
                                  rationale=rationale, flags=flags)
-    lease = Lease.objects.filter(pair=pair, labeler=labeler).first()
+    lease = Lease.objects.filter(pair=pair, labeler=labeler, skipped=False).first()
     if lease is None:
         raise Conflict("This pair is not leased to you; ask the queue for a pair first.", field="pair",
                        code="not_leased")

@@ -1,13 +1,161 @@
-"""Pages for people: server-rendered templates."""
+"""Pages for people: the labeler's project list and the labeling screen, server-rendered, with htmx swapping
+the labeling panel and plain form posts when JavaScript is off."""
 from __future__ import annotations
 
-from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from typing import Any
 
-from labeling import selectors
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.exceptions import NON_FIELD_ERRORS
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.utils.cache import patch_vary_headers
+from django.views import View
+
+from labeling import selectors, services
+from labeling.errors import DomainError, NotFound
+from labeling.models import Comparison, Lease, Pair, Project
+
+# Keys 1-4 are the choices; the strength keys sit on the row above so one hand reaches both.
+CHOICE_BUTTONS = (
+    ("left", "1", "Left is better"),
+    ("right", "2", "Right is better"),
+    ("tie", "3", "Tie"),
+    ("both_bad", "4", "Both are bad"),
+)
+STRENGTH_OPTIONS = ((1, "q", "Slightly better"), (2, "w", "Clearly better"), (3, "e", "Much better"))
 
 
-@login_required
-def home(request):
-    projects = selectors.project_list_for_user(user=request.user)
-    return render(request, "labeling/home.html", {"projects": projects})
+def _is_htmx(request: HttpRequest) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _project_for(request: HttpRequest, slug: str) -> Project:
+    try:
+        return selectors.project_get_for_user(slug=slug, user=request.user)
+    except NotFound as exc:
+        raise Http404(exc.message)
+
+
+def _first_form_error(form: forms.Form) -> tuple[str | None, str]:
+    for field, errors in form.errors.items():
+        name = None if field == NON_FIELD_ERRORS else field
+        return name, f"{name}: {errors[0]}" if name else errors[0]
+    return None, "The form is not valid."
+
+
+def _label_response(request: HttpRequest, *, project: Project, status: int = 200, error: str | None = None,
+                    error_field: str | None = None, notice: str | None = None,
+                    values: dict[str, Any] | None = None) -> HttpResponse:
+    """The labeling panel (for htmx) or the whole page, showing the labeler's current or next pair."""
+    lease = services.pair_next_for_labeler(project=project, labeler=request.user)
+    context: dict[str, Any] = {
+        "project": project,
+        "lease": None,
+        "error": error,
+        "error_field": error_field,
+        "notice": notice,
+        "choice_buttons": [button for button in CHOICE_BUTTONS if _choice_allowed(project, button[0])],
+        "strength_options": STRENGTH_OPTIONS if project.strength_scale == Project.StrengthScale.ONE_TO_THREE else (),
+        "flag_choices": Comparison.Flag.choices,
+        "progress": selectors.labeler_progress(projects=[project], user=request.user)[project.pk],
+        "values": {"rationale": "", "flags": [], "strength": None},
+    }
+    if lease is not None:
+        lease = Lease.objects.select_related("pair__prompt", "pair__response_a", "pair__response_b").get(pk=lease.pk)
+        pair = lease.pair
+        context.update(
+            lease=lease,
+            prompt_messages=pair.prompt.messages,
+            left=pair.response_b if lease.swapped else pair.response_a,
+            right=pair.response_a if lease.swapped else pair.response_b,
+        )
+        # After a refused submit the labeler gets the same pair back with what they typed, so nothing is lost.
+        if values and values.get("pair") == lease.pair_id:
+            context["values"] = {"rationale": values.get("rationale") or "", "flags": values.get("flags") or [],
+                                 "strength": values.get("strength")}
+    template = "labeling/_panel.html" if _is_htmx(request) else "labeling/label.html"
+    response = render(request, template, context, status=status)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
+
+
+def _choice_allowed(project: Project, choice: str) -> bool:
+    if choice == "tie":
+        return project.allow_tie
+    if choice == "both_bad":
+        return project.allow_both_bad
+    return True
+
+
+class ProjectListView(LoginRequiredMixin, View):
+    def get(self, request: HttpRequest) -> HttpResponse:
+        projects = list(selectors.project_list_for_user(user=request.user))
+        progress = selectors.labeler_progress(projects=projects, user=request.user)
+        rows = [{"project": project, "progress": progress[project.pk]} for project in projects]
+        return render(request, "labeling/home.html", {"rows": rows})
+
+
+class LabelPageView(LoginRequiredMixin, View):
+    def get(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = _project_for(request, slug)
+        return _label_response(request, project=project)
+
+
+class LabelSubmitView(LoginRequiredMixin, View):
+    class InputForm(forms.Form):
+        pair = forms.IntegerField(min_value=1)
+        choice = forms.ChoiceField(choices=[(choice, choice) for choice in services.FRAME_CHOICES])
+        strength = forms.TypedChoiceField(choices=[("", "none"), ("1", "1"), ("2", "2"), ("3", "3")], coerce=int,
+                                          required=False, empty_value=None)
+        rationale = forms.CharField(required=False, max_length=10000)
+        flags = forms.MultipleChoiceField(choices=Comparison.Flag.choices, required=False)
+        time_ms = forms.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
+
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = _project_for(request, slug)
+        form = self.InputForm(request.POST)
+        if not form.is_valid():
+            field, message = _first_form_error(form)
+            values = {key: form.cleaned_data.get(key) for key in ("pair", "rationale", "flags", "strength")}
+            return _label_response(request, project=project, status=400, error=message, error_field=field,
+                                   values=values)
+        data = form.cleaned_data
+        if not Pair.objects.filter(pk=data["pair"], project=project).exists():
+            return _label_response(request, project=project, status=404, error_field="pair",
+                                   error=f"Pair {data['pair']} is not part of {project.name}.")
+        # The strength radios stay on screen for every choice; a tie or "both bad" has no winner to weigh.
+        strength = data["strength"] if data["choice"] in ("left", "right") else None
+        try:
+            result = services.comparison_submit(
+                labeler=request.user, pair_id=data["pair"], choice=data["choice"], strength=strength,
+                rationale=data["rationale"], flags=data["flags"], time_ms=data["time_ms"],
+            )
+        except DomainError as exc:
+            return _label_response(request, project=project, status=exc.status_code, error=exc.message,
+                                   error_field=exc.field, values=data)
+        notice = "Saved." if result.created else "This answer was already saved."
+        if _is_htmx(request):
+            return _label_response(request, project=project, notice=notice)
+        messages.success(request, notice)
+        return redirect("labeling:label", slug=project.slug)
+
+
+class LabelSkipView(LoginRequiredMixin, View):
+    class InputForm(forms.Form):
+        pair = forms.IntegerField(min_value=1)
+
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = _project_for(request, slug)
+        form = self.InputForm(request.POST)
+        if not form.is_valid():
+            field, message = _first_form_error(form)
+            return _label_response(request, project=project, status=400, error=message, error_field=field)
+        try:
+            services.lease_release(project=project, labeler=request.user, pair_id=form.cleaned_data["pair"])
+        except DomainError as exc:
+            return _label_response(request, project=project, status=exc.status_code, error=exc.message,
+                                   error_field=exc.field)
+        # The skipped pair goes back to the queue for others; this labeler moves straight on to the next one.
+        return _label_response(request, project=project, notice="Pair skipped.")

@@ -266,3 +266,18 @@ def test_next_and_submit_over_http(project, labeler, outsider):
     bad = client.post("/api/v1/comparisons/", {"pair": pair.pk, "choice": "up"}, format="json")
     assert bad.status_code == 400
     assert bad.json()["error"]["field"] == "choice"
+
+
+@pytest.mark.django_db
+def test_a_skipped_pair_goes_to_others_but_not_back_to_the_skipper(project, labeler):
+    first = PairFactory(project=project, priority=1)
+    second = PairFactory(project=project, priority=0)
+    other = _member(project)
+    assert services.pair_next_for_labeler(project=project, labeler=labeler).pair_id == first.pk
+    services.lease_release(project=project, labeler=labeler, pair_id=first.pk)
+    assert services.pair_next_for_labeler(project=project, labeler=labeler).pair_id == second.pk
+    assert services.pair_next_for_labeler(project=project, labeler=other).pair_id == first.pk
+    with pytest.raises(Conflict):
+        services.comparison_submit(labeler=labeler, pair_id=first.pk, choice="left")
+    with pytest.raises(DomainError):
+        services.lease_release(project=project, labeler=labeler, pair_id=first.pk)
