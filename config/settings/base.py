@@ -110,7 +110,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "labeling.schema.PreflabAutoSchema",
     "EXCEPTION_HANDLER": "labeling.errors.exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
@@ -125,6 +125,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "ComparisonChoiceEnum": "labeling.models.Choice",
+        "FrameChoiceEnum": "labeling.services.FRAME_CHOICES",
+    },
 }
 
 # Celery: a file-system broker under var/ by default (no server to install); CELERY_BROKER_URL or
@@ -138,6 +142,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_in": str(_broker_dir / "out"),
         "data_folder_out": str(_broker_dir / "out"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
@@ -161,6 +166,15 @@ PREFLAB = {
     # A single JSONL line longer than this is reported as bad instead of parsed.
     "IMPORT_MAX_LINE_BYTES": env.int("PREFLAB_IMPORT_MAX_LINE_BYTES", default=4 * 1024 * 1024),
     "ARTIFACTS_DIR": Path(env.str("PREFLAB_ARTIFACTS_DIR", default=str(VAR_DIR / "artifacts"))),
+    # A training task is asked to stop (SoftTimeLimitExceeded, the run fails) after the soft limit and killed
+    # after the hard one.
+    "TRAINING_SOFT_TIME_LIMIT": env.int("PREFLAB_TRAINING_SOFT_TIME_LIMIT", default=6 * 3600),
+    "TRAINING_TIME_LIMIT": env.int("PREFLAB_TRAINING_TIME_LIMIT", default=6 * 3600 + 300),
+    # A running run whose worker has not written a heartbeat for this long is marked failed (worker lost).
+    "TRAINING_STALE_MINUTES": env.int("PREFLAB_TRAINING_STALE_MINUTES", default=15),
+    # Folders the API may register reward models from (the management command takes any path).
+    "MODEL_IMPORT_DIRS": [Path(p) for p in env.list("PREFLAB_MODEL_IMPORT_DIRS",
+                                                     default=[str(VAR_DIR / "models")])],
 }
 
 LOGGING = {

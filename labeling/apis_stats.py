@@ -1,0 +1,135 @@
+"""HTTP API of a project's labeling statistics, for its managers and admins."""
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from labeling import selectors, stats
+from labeling.apis import ERRORS
+
+
+def _rate(help_text: str) -> serializers.FloatField:
+    return serializers.FloatField(allow_null=True, help_text=f"{help_text} From 0 to 1; null when undefined.")
+
+
+class LabelerRef(serializers.Serializer):
+    id = serializers.IntegerField()
+    username = serializers.CharField()
+
+
+class PairCountsOutput(serializers.Serializer):
+    total = serializers.IntegerField()
+    gold = serializers.IntegerField()
+    labelable = serializers.IntegerField(help_text="Pairs that are not gold.")
+    complete = serializers.IntegerField(help_text="Labelable pairs with all the labels they need.")
+    in_progress = serializers.IntegerField(help_text="Labelable pairs with some labels but not all.")
+    unlabeled = serializers.IntegerField(help_text="Labelable pairs with no label yet.")
+
+
+class ComparisonCountsOutput(serializers.Serializer):
+    total = serializers.IntegerField()
+    human = serializers.IntegerField()
+    imported = serializers.IntegerField()
+
+
+class ChoicesOutput(serializers.Serializer):
+    a = serializers.IntegerField()
+    b = serializers.IntegerField()
+    tie = serializers.IntegerField()
+    both_bad = serializers.IntegerField()
+
+
+class LabelerActivityOutput(serializers.Serializer):
+    labeler = LabelerRef()
+    comparisons = serializers.IntegerField()
+    median_seconds = serializers.FloatField(allow_null=True, help_text="Of the comparisons that carry a time.")
+    left_share = _rate("Share of left-side picks, as shown, among the picks of one side (0.5 is no position bias).")
+    tie_rate = _rate("Share of ties.")
+    both_bad_rate = _rate("Share of 'both bad'.")
+
+
+class ThroughputBucketOutput(serializers.Serializer):
+    hour = serializers.DateTimeField(help_text="Start of the UTC hour.")
+    comparisons = serializers.IntegerField()
+
+
+class ThroughputOutput(serializers.Serializer):
+    hours = serializers.IntegerField()
+    buckets = ThroughputBucketOutput(many=True)
+
+
+class AgreementSummaryOutput(serializers.Serializer):
+    pairs = serializers.IntegerField()
+    percent_agreement = _rate("Share of agreeing label pairs, averaged over pairs.")
+    unanimous_share = _rate("Share of pairs where every label is the same.")
+
+
+class PairwiseKappaOutput(serializers.Serializer):
+    labeler_a = LabelerRef()
+    labeler_b = LabelerRef()
+    pairs = serializers.IntegerField(help_text="Pairs both labeled.")
+    kappa = serializers.FloatField(allow_null=True, help_text="Cohen's kappa; null when undefined.")
+
+
+class LabelerAgreementOutput(serializers.Serializer):
+    labeler = LabelerRef()
+    pairs = serializers.IntegerField()
+    agreement = _rate("Share of the other labels on their pairs that match theirs.")
+
+
+class AgreementOutput(serializers.Serializer):
+    labels = serializers.IntegerField(help_text="Human labels on pairs with two or more human labels.")
+    labelers = serializers.IntegerField()
+    with_ties = AgreementSummaryOutput(help_text="Every pair with two or more human labels.")
+    without_ties = AgreementSummaryOutput(help_text="Only the pairs where every label is A or B.")
+    krippendorff_alpha = serializers.FloatField(allow_null=True, help_text="Nominal, over all four choices.")
+    cohen_kappa = serializers.FloatField(allow_null=True,
+                                         help_text="Set when exactly two labelers share pairs; see pairwise_kappa.")
+    pairwise_kappa = PairwiseKappaOutput(many=True)
+    per_labeler = LabelerAgreementOutput(many=True)
+
+
+class GoldLabelerOutput(serializers.Serializer):
+    labeler = LabelerRef()
+    comparisons = serializers.IntegerField()
+    correct = serializers.IntegerField()
+    accuracy = _rate("Share of comparisons equal to the gold choice.")
+
+
+class GoldOutput(serializers.Serializer):
+    comparisons = serializers.IntegerField()
+    correct = serializers.IntegerField()
+    accuracy = _rate("Share of comparisons equal to the gold choice.")
+    labelers = GoldLabelerOutput(many=True)
+
+
+class ProjectStatsOutput(serializers.Serializer):
+    project = serializers.SlugField()
+    generated_at = serializers.DateTimeField()
+    pairs = PairCountsOutput()
+    comparisons = ComparisonCountsOutput()
+    choices = ChoicesOutput(help_text="Human and imported comparisons, in the pair's A/B frame.")
+    labelers = LabelerActivityOutput(many=True)
+    throughput = ThroughputOutput(help_text="Human comparisons per hour.")
+    agreement = AgreementOutput()
+    gold = GoldOutput()
+
+
+class ProjectStatsApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        hours = serializers.IntegerField(min_value=1, max_value=stats.THROUGHPUT_MAX_HOURS,
+                                         default=stats.THROUGHPUT_DEFAULT_HOURS,
+                                         help_text="Window of the hourly throughput, ending with the current hour.")
+
+    # Named at module level: a nested class would appear in the schema as a second, clashing "Output".
+    OutputSerializer = ProjectStatsOutput
+
+    @extend_schema(parameters=[InputSerializer], responses={200: OutputSerializer, **ERRORS})
+    def get(self, request, slug: str):
+        project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
+        params = self.InputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        data = stats.project_stats(project=project, hours=params.validated_data["hours"])
+        return Response(self.OutputSerializer(data).data)

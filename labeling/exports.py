@@ -1,0 +1,74 @@
+"""Streaming export of a project's preferences as JSONL: TRL preference rows, HH-RLHF transcripts or raw labels."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from labeling.errors import DomainError
+from labeling.imports import hh_transcript_build
+from labeling.models import Comparison, Project
+from labeling.selectors import PreferenceRow, preference_rows
+
+FORMATS = ("trl", "hh", "comparisons")
+CHUNK_SIZE = 2000
+
+
+def _line(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False) + "\n"
+
+
+def _trl_row(row: PreferenceRow) -> dict[str, Any]:
+    if isinstance(row.prompt, list):
+        out: dict[str, Any] = {
+            "prompt": row.prompt,
+            "chosen": [{"role": "assistant", "content": row.chosen}],
+            "rejected": [{"role": "assistant", "content": row.rejected}],
+        }
+    else:
+        out = {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected}
+    if row.margin is not None:
+        out["margin"] = row.margin
+    return out
+
+
+def _hh_row(row: PreferenceRow) -> dict[str, Any]:
+    return {"chosen": hh_transcript_build(row.prompt, row.chosen),
+            "rejected": hh_transcript_build(row.prompt, row.rejected)}
+
+
+def _comparison_rows(project: Project) -> Iterator[dict[str, Any]]:
+    fields = ("id", "pair_id", "pair__prompt__content", "pair__response_a__text", "pair__response_b__text",
+              "choice", "strength", "margin", "rationale", "flags", "swapped", "time_ms", "labeler__username",
+              "source", "created_at")
+    rows = (Comparison.objects.filter(pair__project=project).order_by("id").values_list(*fields)
+            .iterator(chunk_size=CHUNK_SIZE))
+    for (comparison_id, pair_id, prompt, text_a, text_b, choice, strength, margin, rationale, flags, swapped,
+         time_ms, username, source, created_at) in rows:
+        yield {
+            "id": comparison_id, "pair": pair_id, "prompt": prompt, "response_a": text_a, "response_b": text_b,
+            "choice": choice, "strength": strength, "margin": margin, "rationale": rationale, "flags": flags,
+            "swapped": swapped, "time_ms": time_ms, "labeler": username, "source": source,
+            "created_at": created_at.isoformat(),
+        }
+
+
+def preferences_export(*, project: Project, format: str) -> Iterator[str]:
+    """JSONL lines of the project in one of FORMATS, streamed from the database with constant memory.
+
+    `trl` and `hh` hold one row per decided pair (majority of its labels, see selectors.preference_rows);
+    `trl` is TRL's conversational format for chat prompts and its standard format for string prompts.
+    `comparisons` holds every raw label. The format is checked before the first line is produced."""
+    if format not in FORMATS:
+        raise DomainError(f"Unknown format '{format}'; use one of {', '.join(FORMATS)}.", field="format")
+    return _generate(project=project, format=format)
+
+
+def _generate(*, project: Project, format: str) -> Iterator[str]:
+    if format == "comparisons":
+        for value in _comparison_rows(project):
+            yield _line(value)
+        return
+    build = _trl_row if format == "trl" else _hh_row
+    for row in preference_rows(project=project, chunk_size=CHUNK_SIZE):
+        yield _line(build(row))

@@ -1,0 +1,1 @@
+"""Command-line entry points of the labeling app (python manage.py ...)."""

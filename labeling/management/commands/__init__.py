@@ -1,0 +1,1 @@
+"""Management commands: serving, demo data, import and export."""

@@ -1,0 +1,55 @@
+"""`manage.py export_preferences`: write a project's preferences as JSONL (TRL, HH-RLHF or raw comparisons)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from labeling.exports import FORMATS, preferences_export
+from labeling.models import Project
+
+
+class Command(BaseCommand):
+    help = "Export a project's preferences as JSONL to a file, or to standard output with '--output -'."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--project", required=True, help="Slug of the project.")
+        parser.add_argument("--format", required=True, choices=FORMATS)
+        parser.add_argument("--output", required=True, help="Destination file, or '-' for standard output.")
+
+    def handle(self, *args, project: str, format: str, output: str, **options) -> None:
+        target = Project.objects.filter(slug=project).first()
+        if target is None:
+            raise CommandError(f"Project '{project}' does not exist.")
+        lines = preferences_export(project=target, format=format)
+        if output == "-":
+            count = 0
+            for line in lines:
+                self.stdout.write(line, ending="")
+                count += 1
+            self.stdout.flush()
+        else:
+            count = self._write_file(Path(output), lines)
+        self.stderr.write(f"Exported {count} rows ({format}) from '{project}'.")
+
+    @staticmethod
+    def _write_file(path: Path, lines) -> int:
+        # Written next to the destination and renamed at the end, so a failed export leaves no half file.
+        directory = path.resolve().parent
+        if not directory.is_dir():
+            raise CommandError(f"Directory {directory} does not exist.")
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".part")
+        count = 0
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                for line in lines:
+                    out.write(line)
+                    count += 1
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return count

