@@ -1,0 +1,148 @@
+"""API of projects, members, pairs and tokens: status codes, bodies and permissions per role."""
+from __future__ import annotations
+
+import pytest
+from rest_framework.test import APIClient
+
+from labeling.models import ApiToken, Membership, Pair, Project
+from tests.conftest import client_for
+from tests.factories import PairFactory, UserFactory
+
+
+@pytest.mark.django_db
+def test_token_from_password_works_once_shown_and_is_stored_hashed(labeler):
+    anonymous = APIClient()
+    response = anonymous.post("/api/v1/auth/token/", {"username": labeler.username,
+                                                      "password": "correct-horse-battery"}, format="json")
+    assert response.status_code == 201
+    key = response.json()["token"]
+    assert not ApiToken.objects.filter(key_hash=key).exists()
+    assert ApiToken.objects.filter(key_hash=ApiToken.hash_key(key), user=labeler).exists()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert client.get("/api/v1/projects/").status_code == 200
+    prefix = response.json()["prefix"]
+    assert client.delete(f"/api/v1/auth/tokens/{prefix}/").status_code == 204
+    revoked = client.get("/api/v1/projects/")
+    assert revoked.status_code == 401
+    assert revoked.json()["error"]["code"] == "authentication_failed"
+
+
+@pytest.mark.django_db
+def test_wrong_password_is_a_401_naming_the_field(labeler):
+    response = APIClient().post("/api/v1/auth/token/", {"username": labeler.username, "password": "nope"},
+                                format="json")
+    assert response.status_code == 401
+    assert response.json()["error"]["field"] == "password"
+
+
+@pytest.mark.django_db
+def test_anonymous_requests_are_refused_with_json(project):
+    response = APIClient().get("/api/v1/projects/")
+    assert response.status_code == 401
+    assert response.json()["error"]["message"]
+
+
+@pytest.mark.django_db
+def test_labelers_see_only_their_projects_admins_see_all(project, labeler, admin_user):
+    other = Project.objects.create(name="Other", slug="other")
+    mine = client_for(labeler).get("/api/v1/projects/").json()
+    assert [p["slug"] for p in mine] == [project.slug]
+    everything = client_for(admin_user).get("/api/v1/projects/").json()
+    assert {p["slug"] for p in everything} == {project.slug, other.slug}
+    assert client_for(labeler).get("/api/v1/projects/other/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_only_admins_create_projects_and_the_creator_manages_it(labeler, admin_user):
+    body = {"name": "Helpfulness", "slug": "helpful", "labels_per_pair": 3, "gold_rate": 0.1}
+    assert client_for(labeler).post("/api/v1/projects/create/", body, format="json").status_code == 403
+    response = client_for(admin_user).post("/api/v1/projects/create/", body, format="json")
+    assert response.status_code == 201
+    assert response.json()["labels_per_pair"] == 3
+    assert Membership.objects.get(project__slug="helpful").user == admin_user
+    again = client_for(admin_user).post("/api/v1/projects/create/", body, format="json")
+    assert again.status_code == 409 and again.json()["error"]["field"] == "slug"
+    bad = client_for(admin_user).post("/api/v1/projects/create/", {**body, "slug": "x2", "gold_rate": 2},
+                                      format="json")
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "gold_rate"
+
+
+@pytest.mark.django_db
+def test_managers_update_settings_and_overlap_changes_reopen_pairs(project, manager, labeler):
+    pair = PairFactory(project=project, label_count=1, status=Pair.Status.COMPLETE)
+    url = f"/api/v1/projects/{project.slug}/"
+    assert client_for(labeler).patch(url, {"labels_per_pair": 2}, format="json").status_code == 403
+    response = client_for(manager).patch(url, {"labels_per_pair": 2, "guidelines": "Prefer honest answers."},
+                                         format="json")
+    assert response.status_code == 200
+    assert response.json()["guidelines"] == "Prefer honest answers."
+    pair.refresh_from_db()
+    assert pair.status == Pair.Status.OPEN
+
+
+@pytest.mark.django_db
+def test_managers_manage_members(project, manager, labeler):
+    newcomer = UserFactory()
+    client = client_for(manager)
+    url = f"/api/v1/projects/{project.slug}/members/"
+    assert client_for(labeler).get(url).status_code == 403
+    response = client.post(f"{url}set/", {"username": newcomer.username, "role": "labeler"}, format="json")
+    assert response.status_code == 200
+    assert {m["username"] for m in client.get(url).json()} == {manager.username, labeler.username,
+                                                                 newcomer.username}
+    missing = client.post(f"{url}set/", {"username": "nobody", "role": "labeler"}, format="json")
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "username"
+    assert client.delete(f"{url}{newcomer.username}/").status_code == 204
+    assert not Membership.objects.filter(user=newcomer).exists()
+    # A removed member loses access at once.
+    assert client_for(newcomer).get(f"/api/v1/projects/{project.slug}/next/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_managers_add_pairs_with_chat_prompts_and_bad_pairs_are_refused(project, manager, labeler):
+    url = f"/api/v1/projects/{project.slug}/pairs/"
+    body = {"prompt": [{"role": "user", "content": "Hi"}], "response_a": "Hello!", "response_b": "Go away."}
+    assert client_for(labeler).post(url, body, format="json").status_code == 403
+    response = client_for(manager).post(url, body, format="json")
+    assert response.status_code == 201
+    assert response.json()["prompt"] == body["prompt"]
+    same = client_for(manager).post(url, {**body, "response_a": "Go away.", "response_b": "Hello!"}, format="json")
+    assert same.status_code == 409
+    identical = client_for(manager).post(url, {**body, "response_b": "Hello!"}, format="json")
+    assert identical.status_code == 400 and identical.json()["error"]["field"] == "response_b"
+    broken = client_for(manager).post(url, {**body, "prompt": [{"role": "user"}]}, format="json")
+    assert broken.status_code == 400 and broken.json()["error"]["field"] == "prompt[0]"
+    assert Pair.objects.filter(project=project).count() == 1
+
+
+@pytest.mark.django_db
+def test_skip_over_http_releases_and_moves_on(project, labeler):
+    first = PairFactory(project=project, priority=2)
+    second = PairFactory(project=project, priority=1)
+    client = client_for(labeler)
+    assert client.get(f"/api/v1/projects/{project.slug}/next/").json()["pair"] == first.pk
+    assert client.post(f"/api/v1/projects/{project.slug}/skip/", {"pair": first.pk}, format="json").status_code == 204
+    assert client.get(f"/api/v1/projects/{project.slug}/next/").json()["pair"] == second.pk
+    again = client.post(f"/api/v1/projects/{project.slug}/skip/", {"pair": first.pk}, format="json")
+    assert again.status_code == 404 and again.json()["error"]["field"] == "pair"
+
+
+@pytest.mark.django_db
+def test_submit_for_another_projects_pair_is_hidden(project, labeler):
+    other = Project.objects.create(name="Other", slug="other")
+    foreign = PairFactory(project=other)
+    response = client_for(labeler).post("/api/v1/comparisons/", {"pair": foreign.pk, "choice": "left"},
+                                        format="json")
+    assert response.status_code == 404
+    assert not foreign.comparisons.exists()
+
+
+@pytest.mark.django_db
+def test_schema_and_docs_are_served_without_a_cdn(client):
+    schema = client.get("/api/schema/")
+    assert schema.status_code == 200
+    assert b"/api/v1/comparisons/" in schema.content
+    docs = client.get("/api/docs/")
+    assert docs.status_code == 200
+    assert b"cdn" not in docs.content.lower()
