@@ -1,2 +1,190 @@
 """Tables of training runs and the model registry."""
 from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from labeling.models import Project
+
+
+class TrainingRun(models.Model):
+    """One training job: what it trains on (a frozen dataset snapshot), how, and how far it got."""
+
+    class Kind(models.TextChoices):
+        REWARD = "reward", "Reward model"
+        DPO = "dpo", "DPO policy"
+        RLHF = "rlhf", "RLHF policy"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    class ExportPolicy(models.TextChoices):
+        MAJORITY = "majority", "Majority vote per pair; ties, both-bad and gold pairs left out"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    base_model = models.CharField(max_length=500, blank=True,
+                                  help_text="Path or id; blank means the embedded default for the kind.")
+    hyperparameters = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+
+    # The dataset snapshot: exactly which labels the run was given, and how they were split.
+    export_policy = models.CharField(max_length=16, choices=ExportPolicy.choices, default=ExportPolicy.MAJORITY)
+    comparison_ids = models.JSONField(default=list, blank=True)
+    dataset_hash = models.CharField(max_length=64, blank=True)
+    split_seed = models.IntegerField(default=0)
+    eval_fraction = models.FloatField(default=0.1)
+    train_pair_ids = models.JSONField(default=list, blank=True)
+    eval_pair_ids = models.JSONField(default=list, blank=True)
+    pair_count = models.PositiveIntegerField(default=0)
+    train_count = models.PositiveIntegerField(default=0)
+    eval_count = models.PositiveIntegerField(default=0)
+
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    epoch = models.FloatField(default=0.0)
+    eta_seconds = models.PositiveIntegerField(null=True, blank=True)
+    metrics_history = models.JSONField(default=list, blank=True)
+    eval_metrics = models.JSONField(default=dict, blank=True)
+    log_tail = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    artifact_path = models.CharField(max_length=1000, blank=True)
+    # The reward model an RLHF run optimises against (or a DPO run is judged by), fixed at submission.
+    reward_model = models.ForeignKey("RewardModel", on_delete=models.SET_NULL, null=True, blank=True,
+                                     related_name="dependent_runs")
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker_hostname = models.CharField(max_length=255, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                                   related_name="training_runs")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=["queued", "running", "succeeded", "failed", "cancelled"]),
+                                   name="training_run_status_valid"),
+            models.CheckConstraint(condition=Q(kind__in=["reward", "dpo", "rlhf"]), name="training_run_kind_valid"),
+            models.CheckConstraint(condition=Q(eval_fraction__gte=0.0, eval_fraction__lt=1.0),
+                                   name="training_run_eval_fraction_range"),
+            # A finished run says when it finished; an unfinished one does not.
+            models.CheckConstraint(
+                condition=(Q(status__in=["queued", "running"], finished_at__isnull=True)
+                           | Q(status__in=["succeeded", "failed", "cancelled"], finished_at__isnull=False)),
+                name="training_run_finished_at_matches_status",
+            ),
+            models.CheckConstraint(condition=~Q(status="running") | Q(started_at__isnull=False),
+                                   name="training_run_running_has_started_at"),
+        ]
+        indexes = [
+            models.Index(fields=["project", "-created_at"], name="training_run_project_time"),
+            models.Index(fields=["status", "heartbeat_at"], name="training_run_status_heartbeat"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} run {self.pk} of {self.project_id} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.TERMINAL
+
+
+class RegistryEntry(models.Model):
+    """What every registered model version has: a per-project version number, its files and where it came
+    from. Exactly one version per project may be deployed; earlier versions stay for history and rollback."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    version = models.PositiveIntegerField()
+    training_run = models.OneToOneField(TrainingRun, on_delete=models.SET_NULL, null=True, blank=True,
+                                        related_name="+")
+    artifact_path = models.CharField(max_length=1000)
+    base_model = models.CharField(max_length=500, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    lineage = models.JSONField(default=dict, blank=True)
+    is_deployed = models.BooleanField(default=False)
+    deployed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                                   related_name="+")
+
+    class Meta:
+        abstract = True
+        ordering = ["project", "-version"]
+
+
+class RewardModel(RegistryEntry):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="reward_models")
+    training_run = models.OneToOneField(TrainingRun, on_delete=models.SET_NULL, null=True, blank=True,
+                                        related_name="registered_reward_model")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                                   related_name="registered_reward_models")
+
+    class Meta(RegistryEntry.Meta):
+        constraints = [
+            models.UniqueConstraint(fields=["project", "version"], name="reward_model_version_unique"),
+            models.UniqueConstraint(fields=["project"], condition=Q(is_deployed=True),
+                                    name="reward_model_one_deployed_per_project"),
+            models.CheckConstraint(condition=Q(version__gte=1), name="reward_model_version_positive"),
+            models.CheckConstraint(condition=Q(is_deployed=False) | Q(deployed_at__isnull=False),
+                                   name="reward_model_deployed_has_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"reward model v{self.version} of {self.project_id}"
+
+
+class Policy(RegistryEntry):
+    """A language model tuned on the project's preferences (DPO) or against its reward model (RLHF)."""
+
+    class Kind(models.TextChoices):
+        DPO = "dpo", "DPO"
+        RLHF = "rlhf", "RLHF"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="policies")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    training_run = models.OneToOneField(TrainingRun, on_delete=models.SET_NULL, null=True, blank=True,
+                                        related_name="registered_policy")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                                   related_name="registered_policies")
+
+    class Meta(RegistryEntry.Meta):
+        verbose_name_plural = "policies"
+        constraints = [
+            models.UniqueConstraint(fields=["project", "version"], name="policy_version_unique"),
+            models.UniqueConstraint(fields=["project"], condition=Q(is_deployed=True),
+                                    name="policy_one_deployed_per_project"),
+            models.CheckConstraint(condition=Q(version__gte=1), name="policy_version_positive"),
+            models.CheckConstraint(condition=Q(kind__in=["dpo", "rlhf"]), name="policy_kind_valid"),
+            models.CheckConstraint(condition=Q(is_deployed=False) | Q(deployed_at__isnull=False),
+                                   name="policy_deployed_has_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} policy v{self.version} of {self.project_id}"
+
+
+class RewardModelDeployment(models.Model):
+    """The deployment history of a project: which reward model version went live, when and by whom."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="reward_model_deployments")
+    reward_model = models.ForeignKey(RewardModel, on_delete=models.CASCADE, related_name="deployments")
+    previous = models.ForeignKey(RewardModel, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    deployed_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                                    related_name="+")
+    deployed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-deployed_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"deployment of {self.reward_model_id} in {self.project_id}"

@@ -1,12 +1,41 @@
 """The Celery application shared by the web process (to queue tasks) and the workers (to run them)."""
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery
+from celery.signals import worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+
+logger = logging.getLogger(__name__)
 
 app = Celery("preflab")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["worker"], related_name="tasks")
+
+# Training holds a process for hours: it gets a queue of its own so short tasks never wait behind it
+# (start a worker with `-Q training` for it, and one with `-Q default` for the rest).
+app.conf.task_routes = {
+    "worker.tasks.training_run_execute": {"queue": "training"},
+    "worker.tasks.training_runs_recover_stale": {"queue": "default"},
+}
+# Runs whose worker died are failed by this sweep (`celery -A worker beat`), and at every worker start.
+app.conf.beat_schedule = {
+    "training-runs-recover-stale": {"task": "worker.tasks.training_runs_recover_stale", "schedule": 300.0},
+}
+
+
+@worker_ready.connect
+def _recover_stale_runs_on_start(sender=None, **kwargs) -> None:
+    from rewards.services import training_runs_recover_stale
+
+    try:
+        recovered = training_runs_recover_stale()
+    except Exception:
+        # The worker still serves tasks if the sweep cannot run (the database may be starting too).
+        logger.exception("could not sweep stale training runs at worker start")
+        return
+    if recovered:
+        logger.warning("marked %s training run(s) failed: their worker was lost", recovered)

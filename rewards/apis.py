@@ -1,0 +1,138 @@
+"""HTTP API of training runs and the reward-model registry: one view per operation."""
+from __future__ import annotations
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from labeling.apis import ErrorSerializer
+from labeling.selectors import project_get_for_user
+from rewards import selectors, services
+from rewards.models import RewardModel, TrainingRun
+
+ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 409, 503)}
+
+
+class TrainingRunOutput(serializers.ModelSerializer):
+    project = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    created_by = serializers.CharField(source="created_by.username", allow_null=True, default=None)
+    progress = serializers.SerializerMethodField()
+    dataset = serializers.SerializerMethodField()
+    reward_model = serializers.PrimaryKeyRelatedField(read_only=True)
+
+    class Meta:
+        model = TrainingRun
+        fields = ["id", "project", "kind", "base_model", "hyperparameters", "status", "progress", "dataset",
+                  "metrics_history", "eval_metrics", "log_tail", "error", "artifact_path", "reward_model",
+                  "cancel_requested", "worker_hostname", "created_by", "created_at", "started_at", "finished_at",
+                  "heartbeat_at"]
+
+    def get_progress(self, run: TrainingRun) -> dict:
+        return {"step": run.step, "total_steps": run.total_steps, "epoch": run.epoch, "eta_seconds": run.eta_seconds}
+
+    def get_dataset(self, run: TrainingRun) -> dict:
+        return {"export_policy": run.export_policy, "content_hash": run.dataset_hash, "pairs": run.pair_count,
+                "comparisons": len(run.comparison_ids), "train_pairs": run.train_count, "eval_pairs": run.eval_count,
+                "eval_fraction": run.eval_fraction, "split_seed": run.split_seed}
+
+
+class RewardModelOutput(serializers.ModelSerializer):
+    project = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    training_run = serializers.PrimaryKeyRelatedField(read_only=True)
+
+    class Meta:
+        model = RewardModel
+        fields = ["id", "project", "version", "training_run", "artifact_path", "base_model", "metrics", "lineage",
+                  "is_deployed", "deployed_at", "created_at"]
+
+
+class TrainingRunStartApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        project = serializers.SlugField()
+        kind = serializers.ChoiceField(choices=TrainingRun.Kind.choices)
+        base_model = serializers.CharField(required=False, allow_blank=True, default="", max_length=500,
+                                           help_text="Path or id; blank for the embedded default.")
+        hyperparameters = serializers.DictField(required=False, default=dict,
+                                                help_text="TRL config fields, e.g. num_train_epochs.")
+        eval_fraction = serializers.FloatField(required=False, default=0.1, min_value=0.0, max_value=0.9)
+        seed = serializers.IntegerField(required=False, default=0, min_value=0, max_value=2**31 - 1)
+
+    @extend_schema(request=InputSerializer, responses={202: TrainingRunOutput, **ERRORS})
+    def post(self, request):
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        project = project_get_for_user(slug=values.pop("project"), user=request.user, manage=True)
+        run = services.training_run_start(project=project, created_by=request.user, **values)
+        return Response(TrainingRunOutput(run).data, status=status.HTTP_202_ACCEPTED)
+
+
+class TrainingRunListApi(APIView):
+    @extend_schema(parameters=[OpenApiParameter("project", str), OpenApiParameter("status", str),
+                               OpenApiParameter("kind", str)],
+                   responses={200: TrainingRunOutput(many=True), **ERRORS})
+    def get(self, request):
+        runs = selectors.training_run_list_for_user(user=request.user, project_slug=request.query_params.get("project"),
+                                                    status=request.query_params.get("status"),
+                                                    kind=request.query_params.get("kind"))
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(runs, request, view=self)
+        return paginator.get_paginated_response(TrainingRunOutput(page, many=True).data)
+
+
+class TrainingRunDetailApi(APIView):
+    @extend_schema(responses={200: TrainingRunOutput, **ERRORS})
+    def get(self, request, run_id: int):
+        run = selectors.training_run_get_for_user(run_id=run_id, user=request.user)
+        return Response(TrainingRunOutput(run).data)
+
+
+class TrainingRunCancelApi(APIView):
+    @extend_schema(request=None, responses={200: TrainingRunOutput, **ERRORS})
+    def post(self, request, run_id: int):
+        run = selectors.training_run_get_for_user(run_id=run_id, user=request.user, manage=True)
+        run = services.training_run_cancel(run=run)
+        return Response(TrainingRunOutput(run).data)
+
+
+class RewardModelListApi(APIView):
+    @extend_schema(parameters=[OpenApiParameter("project", str, required=True)],
+                   responses={200: RewardModelOutput(many=True), **ERRORS})
+    def get(self, request):
+        slug = request.query_params.get("project")
+        if not slug:
+            raise serializers.ValidationError({"project": ["This query parameter is required."]})
+        project = project_get_for_user(slug=slug, user=request.user)
+        return Response(RewardModelOutput(selectors.reward_model_list(project=project), many=True).data)
+
+
+class RewardModelDeployApi(APIView):
+    @extend_schema(request=None, responses={200: RewardModelOutput, **ERRORS})
+    def post(self, request, reward_model_id: int):
+        model = selectors.reward_model_get_for_user(reward_model_id=reward_model_id, user=request.user, manage=True)
+        model = services.reward_model_deploy(reward_model=model, deployed_by=request.user)
+        return Response(RewardModelOutput(model).data)
+
+
+class RewardModelRegisterApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        project = serializers.SlugField()
+        path = serializers.CharField(max_length=1000,
+                                     help_text="A folder on the server under PREFLAB_MODEL_IMPORT_DIRS.")
+        deploy = serializers.BooleanField(required=False, default=False)
+
+    @extend_schema(request=InputSerializer, responses={201: RewardModelOutput, **ERRORS})
+    def post(self, request):
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        project = project_get_for_user(slug=data.validated_data["project"], user=request.user, manage=True)
+        model = services.reward_model_register(project=project, path=data.validated_data["path"],
+                                               created_by=request.user, restrict_to_import_dirs=True,
+                                               deploy=data.validated_data["deploy"])
+        return Response(RewardModelOutput(model).data, status=status.HTTP_201_CREATED)
+
+
+class TrainingRunCollectionApi(TrainingRunListApi, TrainingRunStartApi):
+    """`/training-runs/` answers both GET (list) and POST (start); each operation keeps its own view above."""

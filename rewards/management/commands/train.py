@@ -1,0 +1,68 @@
+"""`manage.py train`: start a training run for a project, queued for a worker or (--wait) in the foreground."""
+from __future__ import annotations
+
+import json
+import socket
+
+from django.core.management.base import BaseCommand, CommandError
+
+from labeling.errors import DomainError
+from labeling.models import Project
+from rewards.models import TrainingRun
+from rewards.progress import TqdmProgressCallback
+from rewards.services import training_run_execute, training_run_start
+
+# Command-line options and the TRL config fields they set.
+OPTION_FIELDS = {"epochs": "num_train_epochs", "max_length": "max_length", "batch_size": "per_device_train_batch_size",
+                 "learning_rate": "learning_rate", "max_steps": "max_steps"}
+
+
+class Command(BaseCommand):
+    help = ("Train a reward model (or a DPO/RLHF policy) on a project's labels. Without --wait the run is queued "
+            "for a worker; with --wait it trains here, shows a progress bar on stderr and prints one JSON object "
+            "(run, status, artifact, eval metrics) on the last line of stdout.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("--project", required=True, help="Project slug.")
+        parser.add_argument("--kind", default=TrainingRun.Kind.REWARD, choices=TrainingRun.Kind.values)
+        parser.add_argument("--base-model", default="", help="Path or id; the embedded default when left out.")
+        parser.add_argument("--epochs", type=float)
+        parser.add_argument("--max-length", type=int)
+        parser.add_argument("--batch-size", type=int)
+        parser.add_argument("--learning-rate", type=float)
+        parser.add_argument("--max-steps", type=int)
+        parser.add_argument("--hyperparameters", default="{}",
+                            help="More TRL config fields as a JSON object, e.g. '{\"warmup_ratio\": 0.1}'.")
+        parser.add_argument("--eval-fraction", type=float, default=0.1)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--wait", action="store_true", help="Train in this process instead of queueing.")
+
+    def handle(self, *args, **options):
+        project = Project.objects.filter(slug=options["project"]).first()
+        if project is None:
+            raise CommandError(f"No project with slug '{options['project']}'.")
+        try:
+            hyperparameters = json.loads(options["hyperparameters"])
+        except json.JSONDecodeError as exc:
+            raise CommandError(f"--hyperparameters is not valid JSON: {exc}")
+        if not isinstance(hyperparameters, dict):
+            raise CommandError("--hyperparameters must be a JSON object.")
+        for option, field in OPTION_FIELDS.items():
+            if options[option] is not None:
+                hyperparameters[field] = options[option]
+        try:
+            run = training_run_start(project=project, kind=options["kind"], base_model=options["base_model"],
+                                     hyperparameters=hyperparameters, eval_fraction=options["eval_fraction"],
+                                     seed=options["seed"], queue=not options["wait"])
+        except DomainError as exc:
+            where = f" ({exc.field})" if exc.field else ""
+            raise CommandError(f"{exc.message}{where}")
+        self.stderr.write(f"training run {run.pk}: {run.pair_count} pairs ({run.train_count} train, "
+                          f"{run.eval_count} eval), dataset {run.dataset_hash[:12]}")
+        if options["wait"]:
+            run = training_run_execute(run_id=run.pk, worker=f"cli@{socket.gethostname()}",
+                                       callbacks=[TqdmProgressCallback(stream=self.stderr._out)])
+        self.stdout.write(json.dumps({"run": run.pk, "status": run.status, "artifact": run.artifact_path or None,
+                                      "eval_metrics": run.eval_metrics, "error": run.error or None}))
+        if run.status == TrainingRun.Status.FAILED:
+            raise CommandError(f"training run {run.pk} failed: {run.error}")

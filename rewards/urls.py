@@ -1,0 +1,16 @@
+"""API routes of training runs and the reward-model registry, mounted under /api/v1/."""
+from django.urls import path
+
+from rewards import apis
+
+app_name = "rewards_api"
+
+urlpatterns = [
+    path("training-runs/", apis.TrainingRunCollectionApi.as_view(), name="training-run-list"),
+    path("training-runs/<int:run_id>/", apis.TrainingRunDetailApi.as_view(), name="training-run-detail"),
+    path("training-runs/<int:run_id>/cancel/", apis.TrainingRunCancelApi.as_view(), name="training-run-cancel"),
+    path("reward-models/", apis.RewardModelListApi.as_view(), name="reward-model-list"),
+    path("reward-models/register/", apis.RewardModelRegisterApi.as_view(), name="reward-model-register"),
+    path("reward-models/<int:reward_model_id>/deploy/", apis.RewardModelDeployApi.as_view(),
+         name="reward-model-deploy"),
+]

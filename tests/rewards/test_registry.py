@@ -1,0 +1,135 @@
+"""The reward-model registry: versions per project, one deployed model with history, and registering folders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core.management import call_command
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from transformers import BertConfig, BertForSequenceClassification
+
+from labeling.errors import DomainError
+from rewards import services
+from rewards.models import RewardModel, RewardModelDeployment
+from tests.conftest import client_for
+from tests.factories import ProjectFactory
+from tests.rewards.factories import RewardModelFactory
+
+URL = "/api/v1/reward-models/"
+
+
+def _classifier(folder, *, num_labels: int = 1):
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=num_labels)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def import_dir(settings, tmp_path):
+    root = tmp_path / "models"
+    root.mkdir()
+    settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": [root], "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    return root
+
+
+@pytest.mark.django_db
+def test_deploying_keeps_one_model_live_per_project_and_logs_history(project, tmp_path):
+    first = RewardModelFactory(project=project, version=1, artifact_path=str(_classifier(tmp_path / "v1")))
+    second = RewardModelFactory(project=project, version=2, artifact_path=str(_classifier(tmp_path / "v2")))
+    other = RewardModelFactory(version=1, artifact_path=str(tmp_path / "v1"))
+    services.reward_model_deploy(reward_model=first)
+    services.reward_model_deploy(reward_model=other)
+    deployed = services.reward_model_deploy(reward_model=second)
+    assert deployed.is_deployed and deployed.deployed_at is not None
+    first.refresh_from_db()
+    assert not first.is_deployed and first.deployed_at is not None
+    assert list(RewardModel.objects.filter(project=project, is_deployed=True)) == [second]
+    assert RewardModel.objects.get(pk=other.pk).is_deployed
+    history = list(RewardModelDeployment.objects.filter(project=project).order_by("id"))
+    assert [(h.reward_model_id, h.previous_id) for h in history] == [(first.pk, None), (second.pk, first.pk)]
+    # Deploying the live version again changes nothing.
+    services.reward_model_deploy(reward_model=second)
+    assert RewardModelDeployment.objects.filter(project=project).count() == 2
+
+
+@pytest.mark.django_db
+def test_the_database_refuses_two_deployed_models_or_a_repeated_version(project):
+    RewardModelFactory(project=project, version=1, is_deployed=True, deployed_at=timezone.now())
+    with pytest.raises(IntegrityError), transaction.atomic():
+        RewardModelFactory(project=project, version=2, is_deployed=True, deployed_at=timezone.now())
+    with pytest.raises(IntegrityError), transaction.atomic():
+        RewardModelFactory(project=project, version=1)
+
+
+@pytest.mark.django_db
+def test_deploying_a_version_whose_files_are_gone_is_refused(project):
+    model = RewardModelFactory(project=project, version=1, artifact_path="/nonexistent/model")
+    with pytest.raises(DomainError) as exc:
+        services.reward_model_deploy(reward_model=model)
+    assert exc.value.code == "artifact_missing"
+
+
+@pytest.mark.django_db
+def test_register_checks_the_folder_and_numbers_versions_per_project(project, tmp_path):
+    one = services.reward_model_register(project=project, path=_classifier(tmp_path / "a"))
+    two = services.reward_model_register(project=project, path=_classifier(tmp_path / "b"), deploy=True)
+    elsewhere = services.reward_model_register(project=ProjectFactory(), path=tmp_path / "a")
+    assert (one.version, two.version, elsewhere.version) == (1, 2, 1)
+    assert two.is_deployed and not RewardModel.objects.get(pk=one.pk).is_deployed
+    assert one.lineage["source"] == "registered" and one.lineage["model_type"] == "bert"
+    assert one.artifact_path == str((tmp_path / "a").resolve())
+
+    for folder, code in [(_classifier(tmp_path / "two-labels", num_labels=2), "not_a_reward_model"),
+                         (tmp_path / "missing", "not_found")]:
+        with pytest.raises(DomainError) as exc:
+            services.reward_model_register(project=project, path=folder)
+        assert exc.value.field == "path" and exc.value.code == code
+    empty = tmp_path / "no-weights"
+    _classifier(empty)
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(DomainError, match="no weights"):
+        services.reward_model_register(project=project, path=empty)
+    assert RewardModel.objects.filter(project=project).count() == 2
+
+
+@pytest.mark.django_db
+def test_register_api_only_reads_from_the_import_folders(project, manager, labeler, outsider, tmp_path, import_dir):
+    inside = _classifier(import_dir / "rm")
+    outside = _classifier(tmp_path / "outside")
+    body = {"project": project.slug, "path": str(inside)}
+    assert client_for(labeler).post(f"{URL}register/", body, format="json").status_code == 403
+    assert client_for(outsider).post(f"{URL}register/", body, format="json").status_code == 404
+    response = client_for(manager).post(f"{URL}register/", {**body, "path": str(outside)}, format="json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "path_not_allowed"
+    response = client_for(manager).post(f"{URL}register/", body, format="json")
+    assert response.status_code == 201 and response.json()["version"] == 1
+    traversal = str(import_dir / ".." / "outside")
+    response = client_for(manager).post(f"{URL}register/", {**body, "path": traversal}, format="json")
+    assert response.status_code == 400 and response.json()["error"]["field"] == "path"
+
+
+@pytest.mark.django_db
+def test_list_and_deploy_api_with_permissions(project, manager, labeler, outsider, tmp_path):
+    old = RewardModelFactory(project=project, version=1, artifact_path=str(_classifier(tmp_path / "1")))
+    new = RewardModelFactory(project=project, version=2, artifact_path=str(_classifier(tmp_path / "2")))
+    RewardModelFactory(version=1)
+    listed = client_for(labeler).get(URL, {"project": project.slug})
+    assert listed.status_code == 200 and [m["version"] for m in listed.json()] == [2, 1]
+    assert client_for(outsider).get(URL, {"project": project.slug}).status_code == 404
+    assert client_for(manager).get(URL).json()["error"]["field"] == "project"
+    assert client_for(labeler).post(f"{URL}{new.pk}/deploy/").status_code == 403
+    assert client_for(outsider).post(f"{URL}{new.pk}/deploy/").status_code == 404
+    assert client_for(manager).post(f"{URL}{old.pk}/deploy/").json()["is_deployed"]
+    response = client_for(manager).post(f"{URL}{new.pk}/deploy/")
+    assert response.status_code == 200 and response.json()["is_deployed"]
+    assert [m["is_deployed"] for m in client_for(manager).get(URL, {"project": project.slug}).json()] == [True, False]
+
+
+@pytest.mark.django_db
+def test_register_command_prints_the_new_version(project, tmp_path, capsys):
+    call_command("register_reward_model", str(_classifier(tmp_path / "rm")), "--project", project.slug, "--deploy")
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["version"] == 1 and out["deployed"] is True
+    assert RewardModel.objects.get(project=project).is_deployed

@@ -1,0 +1,353 @@
+"""Training runs: submission and its dataset snapshot, the state machine, permissions, queueing, progress,
+stale-run recovery, and end-to-end training through a real Celery worker on the configured broker."""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from django.db import connections
+from django.utils import timezone
+
+from labeling.errors import Conflict, DomainError
+from labeling.models import Comparison
+from rewards import services
+from rewards.models import RewardModel, TrainingRun
+from rewards.progress import RunProgressCallback
+from tests.conftest import client_for
+from tests.factories import PairFactory
+from tests.rewards.factories import ImportedComparisonFactory, TrainingRunFactory, labeled_pairs
+
+URL = "/api/v1/training-runs/"
+TINY = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64, "logging_steps": 1}
+
+
+def _running(run: TrainingRun, **fields) -> TrainingRun:
+    now = timezone.now()
+    TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.RUNNING, started_at=now,
+                                                 heartbeat_at=now, **fields)
+    run.refresh_from_db()
+    return run
+
+
+# --- submission and the dataset snapshot ----------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_start_snapshots_the_decided_pairs_and_queues_only_after_commit(project, manager,
+                                                                        django_capture_on_commit_callbacks):
+    pairs = labeled_pairs(project, count=8)
+    tie = PairFactory(project=project)
+    ImportedComparisonFactory(pair=tie, choice=Comparison.Choice.TIE)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        run = services.training_run_start(project=project, kind="reward", created_by=manager,
+                                          hyperparameters=TINY, eval_fraction=0.25, seed=3)
+    assert len(callbacks) == 1
+    assert run.status == TrainingRun.Status.QUEUED and run.created_by == manager
+    assert run.pair_count == 8 and run.train_count + run.eval_count == 8 and run.eval_count >= 1
+    assert sorted(run.train_pair_ids + run.eval_pair_ids) == sorted(p.pk for p in pairs)
+    assert run.comparison_ids == sorted(Comparison.objects.filter(pair__in=pairs).values_list("pk", flat=True))
+    assert len(run.dataset_hash) == 64 and run.export_policy == TrainingRun.ExportPolicy.MAJORITY
+    # The recipe's defaults are filled in and stored with the run.
+    assert run.hyperparameters["max_steps"] == 2 and "learning_rate" in run.hyperparameters
+    again = services.training_run_start(project=project, kind="reward", hyperparameters=TINY, eval_fraction=0.25,
+                                        seed=3, queue=False)
+    assert again.dataset_hash == run.dataset_hash and again.eval_pair_ids == run.eval_pair_ids
+
+
+@pytest.mark.django_db
+def test_a_bad_hyperparameter_is_a_400_naming_the_field(project, manager):
+    labeled_pairs(project, count=4)
+    response = client_for(manager).post(URL, {"project": project.slug, "kind": "reward",
+                                              "hyperparameters": {"learning_rate": -1}}, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "hyperparameters.learning_rate"
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_an_empty_dataset_is_a_400(project, manager):
+    tie = PairFactory(project=project)
+    ImportedComparisonFactory(pair=tie, choice=Comparison.Choice.TIE)
+    response = client_for(manager).post(URL, {"project": project.slug, "kind": "reward"}, format="json")
+    assert response.status_code == 400
+    body = response.json()["error"]
+    assert body["code"] == "empty_dataset" and body["field"] == "project" and "no decided pairs" in body["message"]
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_rlhf_needs_a_deployed_reward_model(project):
+    labeled_pairs(project, count=2)
+    with pytest.raises(DomainError) as exc:
+        services.training_run_start(project=project, kind="rlhf", queue=False)
+    assert exc.value.code == "no_reward_model"
+
+
+@pytest.mark.django_db
+def test_permissions_manager_202_labeler_403_outsider_404(project, manager, labeler, outsider, admin_user):
+    labeled_pairs(project, count=4)
+    body = {"project": project.slug, "kind": "reward", "hyperparameters": TINY}
+    assert client_for(labeler).post(URL, body, format="json").status_code == 403
+    assert client_for(outsider).post(URL, body, format="json").status_code == 404
+    response = client_for(manager).post(URL, body, format="json")
+    assert response.status_code == 202
+    data = response.json()
+    assert data["status"] == "queued" and data["project"] == project.slug
+    assert data["dataset"]["pairs"] == 4 and data["progress"]["step"] == 0
+    assert client_for(admin_user).post(URL, body, format="json").status_code == 202
+    run_url = f"{URL}{data['id']}/"
+    assert client_for(labeler).get(run_url).status_code == 200
+    assert client_for(outsider).get(run_url).status_code == 404
+    assert client_for(labeler).post(f"{run_url}cancel/").status_code == 403
+    assert client_for(outsider).post(f"{run_url}cancel/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_list_shows_only_runs_of_visible_projects_with_filters(project, manager, outsider):
+    mine = TrainingRunFactory(project=project)
+    TrainingRunFactory(project=project, kind=TrainingRun.Kind.DPO)
+    TrainingRunFactory()  # another project's run
+    client = client_for(manager)
+    assert {r["id"] for r in client.get(URL).json()["results"]} == set(
+        TrainingRun.objects.filter(project=project).values_list("pk", flat=True))
+    only = client.get(URL, {"project": project.slug, "kind": "reward", "status": "queued"}).json()["results"]
+    assert [r["id"] for r in only] == [mine.pk]
+    assert client.get(URL, {"status": "bogus"}).status_code == 400
+    assert client_for(outsider).get(URL).json()["results"] == []
+    assert client_for(outsider).get(URL, {"project": project.slug}).status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unreachable_broker_is_a_503_and_the_run_is_not_left_queued(project, manager, monkeypatch):
+    labeled_pairs(project, count=4)
+    # Nothing listens on port 1 of the loopback: every publish is refused.
+    monkeypatch.setenv("CELERY_BROKER_WRITE_URL", "redis://127.0.0.1:1/0")
+    response = client_for(manager).post(URL, {"project": project.slug, "kind": "reward", "hyperparameters": TINY},
+                                        format="json")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "unavailable"
+    run = TrainingRun.objects.get()
+    assert run.status == TrainingRun.Status.FAILED and "broker is unreachable" in run.error
+    assert not TrainingRun.objects.filter(status=TrainingRun.Status.QUEUED).exists()
+
+
+# --- the state machine ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_cancel_a_queued_run_at_once_a_running_one_by_request_and_a_finished_one_never(project, manager):
+    queued = TrainingRunFactory(project=project)
+    response = client_for(manager).post(f"{URL}{queued.pk}/cancel/")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    queued.refresh_from_db()
+    assert queued.finished_at is not None
+
+    running = _running(TrainingRunFactory(project=project))
+    running = services.training_run_cancel(run=running)
+    assert running.status == TrainingRun.Status.RUNNING and running.cancel_requested
+
+    with pytest.raises(Conflict):
+        services.training_run_cancel(run=queued)
+    response = client_for(manager).post(f"{URL}{queued.pk}/cancel/")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "not_cancellable"
+
+
+@pytest.mark.django_db
+def test_execute_claims_only_a_queued_run(project):
+    cancelled = TrainingRunFactory(project=project)
+    services.training_run_cancel(run=cancelled)
+    assert services.training_run_execute(run_id=cancelled.pk).status == TrainingRun.Status.CANCELLED
+    running = _running(TrainingRunFactory(project=project), worker_hostname="other@host")
+    again = services.training_run_execute(run_id=running.pk, worker="me@host")
+    assert again.status == TrainingRun.Status.RUNNING and again.worker_hostname == "other@host"
+    assert services.training_run_execute(run_id=987654) is None
+
+
+@pytest.mark.django_db
+def test_execute_fails_the_run_when_its_labels_changed(project):
+    labeled_pairs(project, count=4)
+    run = services.training_run_start(project=project, kind="reward", hyperparameters=TINY, queue=False)
+    Comparison.objects.filter(pk=run.comparison_ids[0]).delete()
+    run = services.training_run_execute(run_id=run.pk, worker="w@h")
+    assert run.status == TrainingRun.Status.FAILED and "changed" in run.error
+    assert run.started_at is not None and run.finished_at is not None and run.worker_hostname == "w@h"
+
+
+@pytest.mark.django_db
+def test_fail_leaves_a_finished_run_alone(project):
+    run = TrainingRunFactory(project=project)
+    assert services.training_run_fail(run_id=run.pk, error="boom").status == TrainingRun.Status.FAILED
+    assert services.training_run_fail(run_id=run.pk, error="again").error == "boom"
+
+
+@pytest.mark.django_db
+def test_stale_running_runs_are_failed_as_worker_lost(project):
+    stale = _running(TrainingRunFactory(project=project), worker_hostname="gone@box")
+    old = timezone.now() - timedelta(minutes=30)
+    TrainingRun.objects.filter(pk=stale.pk).update(heartbeat_at=old)
+    fresh = _running(TrainingRunFactory(project=project))
+    queued = TrainingRunFactory(project=project)
+    assert services.training_runs_recover_stale(older_than=timedelta(minutes=10)) == 1
+    stale.refresh_from_db()
+    assert stale.status == TrainingRun.Status.FAILED
+    assert stale.error.startswith(f"worker lost (no heartbeat since {old.isoformat()}") and "gone@box" in stale.error
+    assert TrainingRun.objects.get(pk=fresh.pk).status == TrainingRun.Status.RUNNING
+    assert TrainingRun.objects.get(pk=queued.pk).status == TrainingRun.Status.QUEUED
+
+
+# --- progress -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_progress_callback_writes_progress_and_stops_on_cancel(project):
+    run = _running(TrainingRunFactory(project=project))
+    callback = RunProgressCallback(run_id=run.pk, interval=3600)
+    state = SimpleNamespace(global_step=0, max_steps=10, epoch=0.0)
+    control = SimpleNamespace(should_training_stop=False)
+    callback.on_train_begin(None, state, control)
+    state.global_step, state.epoch = 4, 0.4
+    callback.on_step_end(None, state, control)  # throttled: nothing written
+    assert TrainingRun.objects.get(pk=run.pk).step == 0
+    callback.on_log(None, state, control, logs={"loss": 0.69, "learning_rate": 1e-4, "grad_norm": float("nan")})
+    run.refresh_from_db()
+    assert (run.step, run.total_steps, run.epoch) == (4, 10, 0.4) and run.eta_seconds is not None
+    assert run.metrics_history == [{"step": 4, "epoch": 0.4, "loss": 0.69, "learning_rate": 1e-4, "grad_norm": None}]
+    assert '"loss": 0.69' in run.log_tail and not control.should_training_stop
+    services.training_run_cancel(run=run)
+    state.global_step = 5
+    callback.on_log(None, state, control, logs={"loss": 0.5})
+    assert control.should_training_stop and callback.cancelled
+
+
+# --- end to end through a real worker --------------------------------------------------------------------
+
+
+@pytest.fixture
+def training_worker(settings, tmp_path):
+    """A Celery worker in a thread, consuming the `training` queue of the configured broker."""
+    from celery.contrib.testing.worker import start_worker
+    from celery.signals import task_postrun
+
+    from worker.celery import app
+
+    if app.conf.broker_url.startswith("filesystem://"):
+        # Seen here: a second in-process worker on the file-system broker never reports ready.
+        pytest.skip("needs a broker server: set CELERY_BROKER_URL=redis://... (CI does)")
+    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    with app.connection_for_write() as connection:
+        # Messages left by an interrupted earlier session would name run ids of another database.
+        try:
+            connection.default_channel.queue_purge("training")
+        except Exception:  # the queue may not exist yet
+            pass
+
+    def close_connections(**kwargs):
+        # The worker thread's connections must not outlive the test, or the test database cannot be dropped.
+        connections.close_all()
+
+    task_postrun.connect(close_connections, weak=False)
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, queues=["training"], shutdown_timeout=60):
+            yield app
+    finally:
+        task_postrun.disconnect(close_connections)
+
+
+def _wait_for(run_id: int, predicate, *, timeout: float = 240.0) -> TrainingRun:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = TrainingRun.objects.get(pk=run_id)
+        if predicate(run):
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} stayed {TrainingRun.objects.get(pk=run_id).status} for {timeout} s")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_reward_model_trains_end_to_end_through_the_worker(project, manager, tmp_path, training_worker):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.rewards.tiny import tiny_reward_model
+
+    base = tiny_reward_model(tmp_path / "base")
+    labeled_pairs(project, count=6)
+    response = client_for(manager).post(URL, {
+        "project": project.slug, "kind": "reward", "base_model": str(base), "eval_fraction": 0.3,
+        "hyperparameters": {**TINY, "max_steps": 3, "learning_rate": 1e-2},
+    }, format="json")
+    assert response.status_code == 202 and response.json()["status"] == "queued"
+    run = _wait_for(response.json()["id"], lambda r: r.is_finished)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error + run.log_tail
+    assert run.started_at <= run.finished_at and run.worker_hostname
+    assert run.step == run.total_steps == 3
+    assert [entry["step"] for entry in run.metrics_history if "loss" in entry] == [1, 2, 3]
+    assert run.eval_metrics and run.heartbeat_at is not None
+
+    trained = AutoModelForSequenceClassification.from_pretrained(run.artifact_path)
+    original = AutoModelForSequenceClassification.from_pretrained(base)
+    assert trained.config.num_labels == 1
+    assert any(not torch.equal(p, original.state_dict()[name]) for name, p in trained.state_dict().items())
+
+    model = RewardModel.objects.get(training_run=run)
+    assert model.version == 1 and model.artifact_path == run.artifact_path and not model.is_deployed
+    assert model.lineage["dataset_hash"] == run.dataset_hash and model.base_model == str(base)
+    detail = client_for(manager).get(f"{URL}{run.pk}/").json()
+    assert detail["status"] == "succeeded" and detail["progress"]["step"] == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_running_run_is_cancelled_through_the_worker(project, manager, tmp_path, training_worker):
+    from tests.rewards.tiny import tiny_reward_model
+
+    base = tiny_reward_model(tmp_path / "base")
+    labeled_pairs(project, count=6)
+    response = client_for(manager).post(URL, {
+        "project": project.slug, "kind": "reward", "base_model": str(base),
+        "hyperparameters": {**TINY, "max_steps": 5000},
+    }, format="json")
+    run_id = response.json()["id"]
+    _wait_for(run_id, lambda r: r.status == TrainingRun.Status.RUNNING and r.step >= 1)
+    response = client_for(manager).post(f"{URL}{run_id}/cancel/")
+    assert response.status_code == 200 and response.json()["cancel_requested"]
+    run = _wait_for(run_id, lambda r: r.is_finished)
+    assert run.status == TrainingRun.Status.CANCELLED, run.error
+    assert 1 <= run.step < 5000 and run.finished_at is not None
+    assert not RewardModel.objects.filter(training_run=run).exists()
+
+
+@pytest.mark.django_db
+def test_train_command_with_wait_trains_in_the_foreground(project, tmp_path, settings, capsys):
+    import json
+
+    from django.core.management import call_command
+
+    from tests.rewards.tiny import tiny_reward_model
+
+    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    labeled_pairs(project, count=4)
+    call_command("train", "--project", project.slug, "--kind", "reward", "--base-model",
+                 str(tiny_reward_model(tmp_path / "base")), "--max-steps", "2", "--batch-size", "2",
+                 "--max-length", "64", "--learning-rate", "0.001", "--wait")
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    run = TrainingRun.objects.get(pk=result["run"])
+    assert result["status"] == "succeeded" == run.status
+    assert result["artifact"] == run.artifact_path and result["eval_metrics"] == run.eval_metrics
+    assert run.hyperparameters["per_device_train_batch_size"] == 2 and run.hyperparameters["learning_rate"] == 0.001
+    assert run.worker_hostname.startswith("cli@") and "training" in captured.err
+    assert RewardModel.objects.filter(training_run=run, version=1).exists()
+
+
+@pytest.mark.django_db
+def test_train_command_reports_bad_input_as_an_error(project):
+    from django.core.management import CommandError, call_command
+
+    labeled_pairs(project, count=2)
+    with pytest.raises(CommandError, match="learning_rate"):
+        call_command("train", "--project", project.slug, "--learning-rate", "-1", "--wait")
+    with pytest.raises(CommandError, match="No project"):
+        call_command("train", "--project", "nope")
+    assert not TrainingRun.objects.exists()
