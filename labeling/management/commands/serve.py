@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from config.metrics import MULTIPROC_DIR_ENV
 from labeling.management.commands import bootstrap_demo
 
 WORKER_QUEUES = "default,training"
@@ -95,10 +97,11 @@ class Command(BaseCommand):
         self._signals = 0
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
+        # No gunicorn access log: config.middleware writes one line per request, with its id, route and user.
         children = {
             "gunicorn": self._spawn([
                 sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", _bind_address(host, port),
-                "--workers", str(workers), "--threads", str(threads), "--access-logfile", "-",
+                "--workers", str(workers), "--threads", str(threads),
                 "--graceful-timeout", str(int(grace)), "--timeout", "120", "--no-control-socket",
             ]),
             # -B runs the periodic sweeps (worker.celery's beat_schedule) inside this one worker.
@@ -121,9 +124,14 @@ class Command(BaseCommand):
         dirs += [Path(value) for key, value in options.items() if "folder" in key]
         for directory in dirs:
             directory.mkdir(parents=True, exist_ok=True)
+        # Shared by the gunicorn workers for /metrics (see config/metrics.py); emptied so counts start at zero.
+        self._metrics_dir = Path(settings.VAR_DIR) / "prometheus"
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        self._metrics_dir.mkdir(parents=True)
 
     def _spawn(self, command: list[str]) -> subprocess.Popen:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env[MULTIPROC_DIR_ENV] = str(self._metrics_dir)
         env.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
         # A session of its own: Ctrl-C reaches only `serve`, which then stops each child in order.
         return subprocess.Popen(command, cwd=settings.BASE_DIR, env=env, start_new_session=True,
