@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -10,6 +11,8 @@ from typing import Any
 
 from rewards.training.common import pick_device
 from rewards.training.data import EncodedText, Messages, PreferenceExample, RewardEncoder, RewardFormat
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "preflab.json"
 # Upper bounds of the prompt-length buckets (prompt tokens before truncation) used in evaluation reports.
@@ -141,3 +144,165 @@ def evaluate_preferences(scorer: RewardScorer, examples: Sequence[PreferenceExam
         "by_length": {b: {"pairs": e["pairs"], "accuracy": e["correct"] / e["pairs"]} for b, e in ordered},
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+# --- best-of-N reranking --------------------------------------------------------------------------------
+
+# Scores are rounded before ranking and caching: a candidate batched with other requests' candidates runs
+# through differently shaped matrix products, which moves float32 logits in their last bits; rounding keeps
+# the same request's body identical whichever requests it shared a forward pass with.
+SCORE_DECIMALS = 5
+RERANK_CACHE_PREFIX = "preflab:rerank:v1"
+
+
+def rerank_order(scores: Sequence[float], reasons: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """Every candidate, best first: passing ones by score, then failing ones by score; ties by index."""
+    passing = sorted((i for i in range(len(scores)) if not reasons[i]), key=lambda i: (-scores[i], i))
+    failing = sorted((i for i in range(len(scores)) if reasons[i]), key=lambda i: (-scores[i], i))
+    return [{"index": index, "score": scores[index], "rank": rank, "passed": not reasons[index],
+             "reasons": list(reasons[index])}
+            for rank, index in enumerate(passing + failing, start=1)]
+
+
+def rerank_cache_key(*, reward_model_id: int, prompt: str | Messages, candidates: Sequence[str],
+                     constraints: dict | None, top_k: int | None) -> str:
+    """The cache key of a request: the model version and a SHA-256 of the canonical JSON of its inputs."""
+    import hashlib
+
+    canonical = json.dumps({"prompt": prompt, "candidates": list(candidates), "constraints": constraints or {},
+                            "top_k": top_k}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return f"{RERANK_CACHE_PREFIX}:{reward_model_id}:{digest}"
+
+
+def _rerank_setting(name: str, default: Any) -> Any:
+    from django.conf import settings
+
+    return settings.PREFLAB.get(name, default)
+
+
+def _rerank_validate(*, prompt: Any, candidates: Any, top_k: int | None) -> None:
+    from labeling.errors import DomainError
+    from rewards.training.data import prompt_messages
+
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DomainError("The prompt is empty.", field="prompt")
+    else:
+        try:
+            prompt_messages(prompt)
+        except ValueError as exc:
+            raise DomainError(str(exc), field="prompt") from exc
+    limit = int(_rerank_setting("RERANK_MAX_CANDIDATES", 64))
+    if not isinstance(candidates, list) or not candidates:
+        raise DomainError("candidates must be a non-empty list of strings.", field="candidates")
+    if len(candidates) > limit:
+        raise DomainError(f"{len(candidates)} candidates; at most {limit} may be reranked at once.",
+                          field="candidates")
+    for index, candidate in enumerate(candidates):
+        if not isinstance(candidate, str):
+            raise DomainError(f"Candidate {index} is not a string.", field=f"candidates[{index}]")
+        if not candidate:
+            raise DomainError(f"Candidate {index} is empty.", field=f"candidates[{index}]")
+    prompt_chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    total = prompt_chars + sum(len(candidate) for candidate in candidates)
+    max_chars = int(_rerank_setting("RERANK_MAX_CHARS", 200_000))
+    if total > max_chars:
+        raise DomainError(f"The prompt and candidates hold {total} characters; at most {max_chars} are allowed.",
+                          field="candidates")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise DomainError("top_k must be a whole number of at least 1.", field="top_k")
+
+
+def rerank_model_resolve(*, project: Any, model: str | int = "deployed") -> Any:
+    """The RewardModel a request names: the project's deployed one (read on every request, so a new deployment
+    is served at once) or a version id of the project's registry."""
+    from labeling.errors import Conflict, DomainError, NotFound
+    from rewards.models import RewardModel
+
+    fields = ("id", "project_id", "version", "base_model", "artifact_path")
+    if model == "deployed":
+        found = RewardModel.objects.filter(project=project, is_deployed=True).only(*fields).first()
+        if found is None:
+            raise Conflict(f"Project '{project.slug}' has no deployed reward model; deploy a version first.",
+                           field="model", code="no_deployed_model")
+        return found
+    if isinstance(model, bool) or not isinstance(model, int):
+        raise DomainError("model is \"deployed\" or the id of a reward model version.", field="model")
+    found = RewardModel.objects.filter(pk=model, project=project).only(*fields).first()
+    if found is None:
+        raise NotFound(f"Project '{project.slug}' has no reward model version with id {model}.", field="model")
+    return found
+
+
+def _cache_get(key: str) -> dict | None:
+    from django.core.cache import cache
+
+    try:
+        return cache.get(key)
+    except Exception:  # a cache outage must not take reranking down with it
+        logger.warning("rerank cache unavailable on read; scoring without it", exc_info=True)
+        return None
+
+
+def _cache_set(key: str, value: dict) -> None:
+    from django.core.cache import cache
+
+    try:
+        cache.set(key, value, timeout=int(_rerank_setting("RERANK_CACHE_SECONDS", 3600)))
+    except Exception:  # see _cache_get
+        logger.warning("rerank cache unavailable on write; result not cached", exc_info=True)
+
+
+def _count_cache(result: str) -> None:
+    from config.metrics import RERANK_CACHE
+
+    RERANK_CACHE.labels(result=result).inc()
+
+
+def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model: str | int = "deployed",
+           top_k: int | None = None, constraints: dict | None = None) -> dict[str, Any]:
+    """Best-of-N: score every candidate with the project's reward model, apply the hard constraints and rank.
+
+    Returns {"model", "results", "best_index", "cached"}. Candidates failing a constraint are still scored but
+    come after every passing one, so `best_index` is a failing candidate only when none passes. The body is
+    cached per model version and inputs; a hit does no model work.
+    """
+    from labeling.errors import DomainError, ServiceUnavailable
+    from rewards.constraints import constraints_parse
+    from rewards.serving import pool
+
+    _rerank_validate(prompt=prompt, candidates=candidates, top_k=top_k)
+    parsed = constraints_parse(constraints)
+    reward_model = rerank_model_resolve(project=project, model=model)
+    key = rerank_cache_key(reward_model_id=reward_model.pk, prompt=prompt, candidates=candidates,
+                           constraints=constraints, top_k=top_k)
+    hit = _cache_get(key)
+    if hit is not None:
+        _count_cache("hit")
+        return {**hit, "cached": True}
+    _count_cache("miss")
+
+    try:
+        served = pool.get(reward_model_id=reward_model.pk, artifact_path=reward_model.artifact_path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        logger.exception("reward model %s could not be loaded", reward_model.pk)
+        raise ServiceUnavailable(f"Reward model version {reward_model.version} could not be loaded: {exc}",
+                                 field="model") from exc
+    try:
+        raw_scores = served.score(prompt, candidates)
+    except TimeoutError as exc:
+        raise ServiceUnavailable(str(exc), field="model") from exc
+    except ValueError as exc:
+        # The encoder refuses inputs it cannot format (e.g. a chat prompt the template rejects).
+        raise DomainError(f"The inputs cannot be scored by this model: {exc}", field="prompt") from exc
+    scores = [round(float(score), SCORE_DECIMALS) for score in raw_scores]
+    reasons = [parsed.check(candidate) for candidate in candidates] if not parsed.empty else [[]] * len(candidates)
+    results = rerank_order(scores, reasons)
+    body = {
+        "model": {"id": reward_model.pk, "version": reward_model.version, "base_model": reward_model.base_model},
+        "results": results[:top_k] if top_k is not None else results,
+        "best_index": results[0]["index"],
+    }
+    _cache_set(key, body)
+    return {**body, "cached": False}

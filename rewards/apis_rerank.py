@@ -1,0 +1,160 @@
+"""HTTP API of best-of-N reranking and of the project's rerank keys: one view per operation."""
+from __future__ import annotations
+
+import logging
+import time
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.throttling import SimpleRateThrottle
+from rest_framework.views import APIView
+
+from labeling import services as labeling_services
+from labeling.apis import ErrorSerializer
+from labeling.errors import Forbidden, NotFound
+from labeling.models import ApiToken, Project
+from labeling.permissions import ScopedTokenPermission, request_token
+from labeling.selectors import project_get_for_user
+from rewards.scoring import rerank
+
+logger = logging.getLogger(__name__)
+
+ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 409, 429, 503)}
+
+
+class RerankThrottle(SimpleRateThrottle):
+    """Requests per API key (per user for sessions), at PREFLAB["RERANK_RATE"] read on each request."""
+
+    scope = "rerank"
+
+    def get_rate(self) -> str | None:
+        return settings.PREFLAB.get("RERANK_RATE", "600/min")
+
+    def allow_request(self, request, view) -> bool:
+        # The rate may change between requests (settings overrides); parse it each time.
+        self.rate = self.get_rate()
+        self.num_requests, self.duration = self.parse_rate(self.rate)
+        try:
+            return super().allow_request(request, view)
+        except Exception:  # the throttle lives in the cache; an outage must not stop reranking
+            logger.warning("rerank throttle cache unavailable; request let through", exc_info=True)
+            return True
+
+    def get_cache_key(self, request, view) -> str | None:
+        token = request_token(request)
+        ident = f"key-{token.pk}" if token is not None else f"user-{request.user.pk}"
+        return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+def _project_for_rerank(*, slug: str, request) -> Project:
+    """A rerank key reaches only its own project (another project's key: 403); users need to be members."""
+    token = request_token(request)
+    if token is not None and token.scope == ApiToken.Scope.RERANK:
+        if token.project.slug != slug:
+            raise Forbidden("This API key is for another project.", field="project")
+        return token.project
+    return project_get_for_user(slug=slug, user=request.user)
+
+
+class RerankApi(APIView):
+    permission_classes = [IsAuthenticated, ScopedTokenPermission]
+    token_scopes = (ApiToken.Scope.RERANK,)
+    throttle_classes = [RerankThrottle]
+
+    class InputSerializer(serializers.Serializer):
+        project = serializers.SlugField()
+        prompt = serializers.JSONField(help_text="A string, or a list of chat messages with 'role' and 'content'.")
+        candidates = serializers.ListField(child=serializers.CharField(allow_blank=True, trim_whitespace=False),
+                                           help_text="The responses to rank (1 to RERANK_MAX_CANDIDATES).")
+        model = serializers.JSONField(required=False, default="deployed",
+                                      help_text='"deployed", or the id of a reward model version of the project.')
+        top_k = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1)
+        constraints = serializers.JSONField(required=False, allow_null=True, default=None,
+                                            help_text="max_chars, min_chars, regex, json, json_schema.")
+
+    class OutputSerializer(serializers.Serializer):
+        class ModelOutput(serializers.Serializer):
+            id = serializers.IntegerField()
+            version = serializers.IntegerField()
+            base_model = serializers.CharField()
+
+        class ResultOutput(serializers.Serializer):
+            index = serializers.IntegerField()
+            score = serializers.FloatField()
+            rank = serializers.IntegerField()
+            passed = serializers.BooleanField()
+            reasons = serializers.ListField(child=serializers.CharField())
+
+        model = ModelOutput()
+        results = ResultOutput(many=True)
+        best_index = serializers.IntegerField()
+        cached = serializers.BooleanField()
+        timing_ms = serializers.FloatField()
+
+    @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
+    def post(self, request):
+        started = time.perf_counter()
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = data.validated_data
+        project = _project_for_rerank(slug=fields["project"], request=request)
+        body = rerank(project=project, prompt=fields["prompt"], candidates=fields["candidates"],
+                      model=fields["model"], top_k=fields["top_k"], constraints=fields["constraints"])
+        body["timing_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+        return Response(body)
+
+
+# --- rerank keys ----------------------------------------------------------------------------------------
+
+
+class ApiKeyOutput(serializers.ModelSerializer):
+    user = serializers.CharField(source="user.username")
+
+    class Meta:
+        model = ApiToken
+        fields = ["prefix", "name", "scope", "user", "created_at", "last_used_at", "revoked_at"]
+
+
+class ApiKeyListCreateApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        name = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
+        scope = serializers.ChoiceField(choices=[ApiToken.Scope.RERANK], default=ApiToken.Scope.RERANK)
+
+    class CreatedOutput(ApiKeyOutput):
+        key = serializers.SerializerMethodField(help_text="Shown once; send it as 'Authorization: Bearer KEY'.")
+
+        class Meta(ApiKeyOutput.Meta):
+            fields = ["key", *ApiKeyOutput.Meta.fields]
+
+        def get_key(self, token: ApiToken) -> str:
+            return self.context["key"]
+
+    @extend_schema(responses={200: ApiKeyOutput(many=True), **ERRORS})
+    def get(self, request, slug: str):
+        project = project_get_for_user(slug=slug, user=request.user, manage=True)
+        keys = (ApiToken.objects.select_related("user").filter(project=project).exclude(scope=ApiToken.Scope.USER)
+                .order_by("-created_at", "-id"))
+        return Response(ApiKeyOutput(keys, many=True).data)
+
+    @extend_schema(request=InputSerializer, responses={201: CreatedOutput, **ERRORS})
+    def post(self, request, slug: str):
+        project = project_get_for_user(slug=slug, user=request.user, manage=True)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        token, key = labeling_services.api_token_create(user=request.user, project=project, **data.validated_data)
+        return Response(self.CreatedOutput(token, context={"key": key}).data, status=status.HTTP_201_CREATED)
+
+
+class ApiKeyRevokeApi(APIView):
+    @extend_schema(responses={200: ApiKeyOutput, **ERRORS})
+    def delete(self, request, slug: str, prefix: str):
+        project = project_get_for_user(slug=slug, user=request.user, manage=True)
+        token = (ApiToken.objects.select_related("user").filter(project=project, prefix=prefix)
+                 .exclude(scope=ApiToken.Scope.USER).first())
+        if token is None:
+            raise NotFound(f"Project '{slug}' has no API key starting with '{prefix}'.", field="prefix")
+        token = labeling_services.api_token_revoke(token=token)
+        return Response(ApiKeyOutput(token).data)

@@ -1,0 +1,247 @@
+"""Process-wide serving of reward models: a warm LRU of loaded scorers and a micro-batcher per model."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from config.metrics import MODEL_LOAD_SECONDS, RERANK_BATCH_SIZE
+from rewards.scoring import RewardScorer
+
+logger = logging.getLogger(__name__)
+
+
+def _setting(name: str, default: Any) -> Any:
+    return settings.PREFLAB.get(name, default)
+
+
+_torch_lock = threading.Lock()
+_torch_configured = False
+
+
+def torch_threads_configure() -> int:
+    """Fix torch's intra-op thread count once per process, before the first model runs.
+
+    torch otherwise takes every core, and gunicorn workers times torch threads oversubscribe the machine; the
+    operator states the number instead (PREFLAB["TORCH_THREADS"], default: the cores this process may use).
+    """
+    global _torch_configured
+    import torch
+
+    with _torch_lock:
+        threads = int(_setting("TORCH_THREADS", 0) or _cores())
+        if not _torch_configured:
+            torch.set_num_threads(threads)
+            _torch_configured = True
+        return torch.get_num_threads()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# --- micro-batching --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    sequences: Sequence[Sequence[int]]
+    done: threading.Event = field(default_factory=threading.Event)
+    scores: list[float] | None = None
+    error: BaseException | None = None
+
+
+class MicroBatcher:
+    """Collects the encoded candidates of concurrent requests for one model and scores them together.
+
+    The first request to arrive opens a window of `window_ms`; requests arriving within it (up to
+    `max_items` candidates in all) join the same forward pass. Each caller gets back exactly its own scores,
+    in its own order. One daemon thread per model does the forward passes, so torch runs one batch at a time
+    per model instead of one per request thread.
+    """
+
+    def __init__(self, score_ids: Callable[..., list[float]], *, window_ms: float, max_items: int,
+                 name: str = "") -> None:
+        self._score_ids = score_ids
+        self.window = max(window_ms, 0.0) / 1000.0
+        self.max_items = max(int(max_items), 1)
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._stopped = False
+        # (requests, candidates) of recent forward passes, for tests and debugging.
+        self.passes: deque[tuple[int, int]] = deque(maxlen=256)
+        self._thread = threading.Thread(target=self._run, name=f"rerank-batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def score(self, sequences: Sequence[Sequence[int]], *, timeout: float = 300.0) -> list[float]:
+        if not sequences:
+            return []
+        pending = _Pending(sequences=sequences)
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("This model was unloaded; retry the request.")
+            self._queue.append(pending)
+            self._cond.notify()
+        if not pending.done.wait(timeout):
+            raise TimeoutError(f"Scoring did not finish within {timeout:.0f} s.")
+        if pending.error is not None:
+            raise pending.error
+        assert pending.scores is not None
+        return pending.scores
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _collect(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._queue and not self._stopped:
+                self._cond.wait()
+            if self._stopped and not self._queue:
+                return None
+            batch = [self._queue.popleft()]
+            items = len(batch[0].sequences)
+            deadline = time.monotonic() + self.window
+            while items < self.max_items:
+                if self._queue:
+                    if items + len(self._queue[0].sequences) > self.max_items:
+                        break
+                    nxt = self._queue.popleft()
+                    batch.append(nxt)
+                    items += len(nxt.sequences)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopped:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            flat = [ids for pending in batch for ids in pending.sequences]
+            # Scoring in length order keeps padding small; the scores are put back in place afterwards.
+            order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+            try:
+                sorted_scores = self._score_ids([flat[i] for i in order], batch_size=self.max_items)
+            except BaseException as exc:  # handed to every waiting caller, who re-raises it
+                logger.exception("reranking forward pass failed")
+                for pending in batch:
+                    pending.error = exc
+                    pending.done.set()
+                continue
+            scores = [0.0] * len(flat)
+            for position, index in enumerate(order):
+                scores[index] = sorted_scores[position]
+            self.passes.append((len(batch), len(flat)))
+            RERANK_BATCH_SIZE.observe(len(flat))
+            start = 0
+            for pending in batch:
+                pending.scores = scores[start:start + len(pending.sequences)]
+                start += len(pending.sequences)
+                pending.done.set()
+
+
+# --- the warm pool ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServedModel:
+    reward_model_id: int
+    artifact_path: str
+    scorer: RewardScorer
+    batcher: MicroBatcher
+
+    def score(self, prompt: Any, candidates: Sequence[str]) -> list[float]:
+        encoded = [self.scorer.encode(prompt, candidate).input_ids for candidate in candidates]
+        return self.batcher.score(encoded)
+
+
+class ModelPool:
+    """Loaded reward models keyed by RewardModel id, least recently used evicted beyond `size`.
+
+    A RewardModel row's files never change (a new version is a new row), so the id is a safe key; hot swaps
+    happen because the caller resolves the deployed id from the database on each request.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: OrderedDict[int, ServedModel] = OrderedDict()
+        self._loading: dict[int, threading.Lock] = {}
+        self._pid = os.getpid()
+        self.loads = 0
+
+    def _reset_after_fork(self) -> None:
+        # Threads do not survive fork(): a pool inherited from a preloading parent starts over.
+        if self._pid != os.getpid():
+            self._models = OrderedDict()
+            self._loading = {}
+            self._pid = os.getpid()
+
+    def get(self, *, reward_model_id: int, artifact_path: str) -> ServedModel:
+        with self._lock:
+            self._reset_after_fork()
+            served = self._models.get(reward_model_id)
+            if served is not None:
+                self._models.move_to_end(reward_model_id)
+                return served
+            load_lock = self._loading.setdefault(reward_model_id, threading.Lock())
+        # Concurrent first requests for one model wait here and load it once; other models are not held up.
+        with load_lock:
+            with self._lock:
+                served = self._models.get(reward_model_id)
+                if served is not None:
+                    self._models.move_to_end(reward_model_id)
+                    return served
+            served = self._load(reward_model_id=reward_model_id, artifact_path=artifact_path)
+            with self._lock:
+                self._models[reward_model_id] = served
+                self._loading.pop(reward_model_id, None)
+                evicted = []
+                while len(self._models) > max(int(_setting("RERANK_MODEL_CACHE_SIZE", 2)), 1):
+                    _, old = self._models.popitem(last=False)
+                    evicted.append(old)
+            for old in evicted:
+                old.batcher.stop()
+                logger.info("unloaded reward model %s", old.reward_model_id)
+            return served
+
+    def _load(self, *, reward_model_id: int, artifact_path: str) -> ServedModel:
+        torch_threads_configure()
+        started = time.perf_counter()
+        scorer = RewardScorer.load(artifact_path)
+        seconds = time.perf_counter() - started
+        MODEL_LOAD_SECONDS.labels(kind="reward_model").observe(seconds)
+        self.loads += 1
+        logger.info("loaded reward model %s from %s in %.2f s", reward_model_id, artifact_path, seconds)
+        batcher = MicroBatcher(scorer.score_ids, window_ms=float(_setting("RERANK_BATCH_WINDOW_MS", 5)),
+                               max_items=int(_setting("RERANK_MAX_BATCH", 64)), name=str(reward_model_id))
+        return ServedModel(reward_model_id=reward_model_id, artifact_path=artifact_path, scorer=scorer,
+                           batcher=batcher)
+
+    def loaded_ids(self) -> list[int]:
+        with self._lock:
+            return list(self._models)
+
+    def clear(self) -> None:
+        with self._lock:
+            models = list(self._models.values())
+            self._models.clear()
+        for served in models:
+            served.batcher.stop()
+
+
+pool = ModelPool()

@@ -1,0 +1,364 @@
+"""Best-of-N reranking: scores as plain transformers computes them, constraints, limits, keys, cache and batching."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from django.core.cache import cache
+from rest_framework.test import APIClient
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from labeling.models import ApiToken, Membership
+from labeling.services import api_token_create
+from rewards import serving
+from rewards.scoring import RewardScorer, rerank_order
+from rewards.services import reward_model_register
+from rewards.training.data import RewardEncoder, RewardFormat
+from tests.conftest import client_for
+from tests.factories import ProjectFactory, UserFactory
+from tests.rewards.tiny import tiny_reward_model
+
+URL = "/api/v1/rerank/"
+PROMPT = "How do I boil an egg?"
+CANDIDATES = ["Put it in boiling water for eight minutes.", "no idea", "Eggs are birds.",
+              "Boil water, lower the egg in gently, wait nine minutes, then cool it in cold water.",
+              "Ask someone else."]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    return [tiny_reward_model(tmp_path_factory.mktemp(f"rm{seed}"), seed=seed) for seed in (0, 1)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_state():
+    serving.pool.clear()
+    cache.clear()
+    yield
+    serving.pool.clear()
+    cache.clear()
+
+
+@pytest.fixture
+def deployed(project, model_dirs):
+    return reward_model_register(project=project, path=model_dirs[0], deploy=True)
+
+
+@pytest.fixture
+def rerank_client(project):
+    owner = UserFactory()
+    _, key = api_token_create(user=owner, scope=ApiToken.Scope.RERANK, project=project, name="prod")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
+
+
+def _post(client, project, **body):
+    return client.post(URL, {"project": project.slug, "prompt": PROMPT, "candidates": CANDIDATES, **body},
+                       format="json")
+
+
+def _plain_scores(folder, prompt, candidates) -> list[float]:
+    """What plain transformers computes from the folder, one unpadded sequence at a time."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    encoder = RewardEncoder(tokenizer, RewardFormat.for_tokenizer(tokenizer, max_length=512))
+    scores = []
+    with torch.inference_mode():
+        for candidate in candidates:
+            ids = torch.tensor([encoder.encode(prompt, candidate).input_ids])
+            scores.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].item())
+    return scores
+
+
+def _stable(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("timing_ms", "cached")}
+
+
+# --- scores and ranking ---------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_scores_and_ranking_match_plain_transformers(project, deployed, rerank_client, model_dirs):
+    response = _post(rerank_client, project)
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    expected = _plain_scores(model_dirs[0], PROMPT, CANDIDATES)
+    by_index = {row["index"]: row for row in body["results"]}
+    assert sorted(by_index) == list(range(len(CANDIDATES)))
+    for index, score in enumerate(expected):
+        assert by_index[index]["score"] == pytest.approx(score, abs=1e-4)
+    order = sorted(range(len(expected)), key=lambda i: (-round(expected[i], 5), i))
+    assert [row["index"] for row in body["results"]] == order
+    assert [row["rank"] for row in body["results"]] == [1, 2, 3, 4, 5]
+    assert body["best_index"] == order[0]
+    assert body["model"] == {"id": deployed.pk, "version": 1, "base_model": deployed.base_model}
+    assert all(row["passed"] and row["reasons"] == [] for row in body["results"])
+    assert body["cached"] is False and body["timing_ms"] >= 0
+
+
+def test_ties_are_broken_by_index_and_failing_candidates_come_last():
+    results = rerank_order([0.5, 0.9, 0.5, 0.9, 2.0], [[], [], [], [], ["max_chars: too long"]])
+    assert [r["index"] for r in results] == [1, 3, 0, 2, 4]
+    assert [r["passed"] for r in results] == [True, True, True, True, False]
+
+
+@pytest.mark.django_db
+def test_chat_prompts_are_scored_like_the_plain_encoding(project, deployed, rerank_client, model_dirs):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": PROMPT}]
+    body = rerank_client.post(URL, {"project": project.slug, "prompt": chat, "candidates": CANDIDATES[:3]},
+                              format="json").json()
+    expected = _plain_scores(model_dirs[0], chat, CANDIDATES[:3])
+    assert {r["index"]: r["score"] for r in body["results"]} == {
+        i: pytest.approx(s, abs=1e-4) for i, s in enumerate(expected)}
+
+
+@pytest.mark.django_db
+def test_top_k_returns_only_the_best(project, deployed, rerank_client):
+    full = _post(rerank_client, project).json()
+    top = _post(rerank_client, project, top_k=2).json()
+    assert top["results"] == full["results"][:2] and top["best_index"] == full["best_index"]
+
+
+# --- determinism and the cache --------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_same_request_gives_the_same_body_and_a_cache_hit_does_no_model_work(
+        project, deployed, rerank_client, monkeypatch):
+    forward_passes = []
+    original = RewardScorer.score_ids
+
+    def counting(self, sequences, **kwargs):
+        forward_passes.append(len(sequences))
+        return original(self, sequences, **kwargs)
+
+    monkeypatch.setattr(RewardScorer, "score_ids", counting)
+    first = _post(rerank_client, project).json()
+    assert first["cached"] is False and forward_passes == [len(CANDIDATES)]
+    second = _post(rerank_client, project).json()
+    assert second["cached"] is True and forward_passes == [len(CANDIDATES)]
+    assert _stable(second) == _stable(first)
+    # Scored again from scratch, the body is the same.
+    cache.clear()
+    third = _post(rerank_client, project).json()
+    assert third["cached"] is False and len(forward_passes) == 2
+    assert _stable(third) == _stable(first)
+    # Other inputs are another cache entry.
+    assert _post(rerank_client, project, top_k=1).json()["cached"] is False
+
+
+@pytest.mark.django_db
+def test_reranking_works_when_the_cache_server_is_down(project, deployed, rerank_client, settings):
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:9/0"}}
+    first = _post(rerank_client, project)
+    second = _post(rerank_client, project)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["cached"] is False and second.json()["cached"] is False
+    assert _stable(first.json()) == _stable(second.json())
+
+
+# --- constraints ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("constraints", "candidates", "passing", "reason"), [
+    ({"max_chars": 5}, ["short", "much too long", "tiny"], {0, 2}, "max_chars"),
+    ({"min_chars": 5}, ["short", "much too long", "tiny"], {0, 1}, "min_chars"),
+    ({"regex": r"[A-Z][a-z ]+\."}, ["Yes it is.", "no it is not", "Fine."], {0, 2}, "regex"),
+    ({"json": True}, ['{"answer": 4}', "four", "[1, 2"], {0}, "json"),
+    ({"json_schema": {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}},
+     ['{"answer": 4}', '{"answer": "four"}', "4", '{"other": 1}'], {0}, "json_schema"),
+])
+def test_each_constraint_marks_failures_and_ranks_them_last(project, deployed, rerank_client, constraints,
+                                                            candidates, passing, reason):
+    response = rerank_client.post(URL, {"project": project.slug, "prompt": PROMPT, "candidates": candidates,
+                                        "constraints": constraints}, format="json")
+    assert response.status_code == 200, response.json()
+    body = response.json()
+    flags = [row["passed"] for row in body["results"]]
+    assert flags == sorted(flags, reverse=True)
+    assert {row["index"] for row in body["results"] if row["passed"]} == passing
+    assert body["best_index"] in passing
+    for row in body["results"]:
+        if not row["passed"]:
+            assert row["reasons"] and row["reasons"][0].startswith(reason)
+
+
+@pytest.mark.django_db
+def test_best_index_is_a_passing_candidate_even_when_a_failing_one_scores_higher(project, deployed,
+                                                                                 rerank_client):
+    scores = _post(rerank_client, project).json()["results"]
+    top, bottom = scores[0]["index"], scores[-1]["index"]
+    pattern = "|".join(__import__("re").escape(CANDIDATES[i]) for i in range(len(CANDIDATES)) if i != top)
+    body = _post(rerank_client, project, constraints={"regex": pattern}).json()
+    assert body["best_index"] != top and body["results"][-1]["index"] == top
+    assert body["results"][-1]["passed"] is False and bottom != top
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("constraints", "field"), [
+    ({"regex": "(unclosed"}, "constraints.regex"),
+    ({"regex": "a" * 501}, "constraints.regex"),
+    ({"regex": 5}, "constraints.regex"),
+    ({"json_schema": {"type": "no-such-type"}}, "constraints.json_schema"),
+    ({"json_schema": "object"}, "constraints.json_schema"),
+    ({"json": "yes"}, "constraints.json"),
+    ({"max_chars": -1}, "constraints.max_chars"),
+    ({"min_chars": 10, "max_chars": 5}, "constraints.min_chars"),
+    ({"maxchars": 5}, "constraints.maxchars"),
+    ([1, 2], "constraints"),
+])
+def test_bad_constraints_are_400_naming_the_field(project, deployed, rerank_client, constraints, field):
+    response = _post(rerank_client, project, constraints=constraints)
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == field
+
+
+# --- limits and bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("changes", "status", "field"), [
+    ({"candidates": []}, 400, "candidates"),
+    ({"candidates": ["fine", ""]}, 400, "candidates[1]"),
+    ({"candidates": ["a", "b", "c", "d"]}, 400, "candidates"),
+    ({"candidates": ["x" * 60, "y" * 50]}, 400, "candidates"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": [{"role": "user"}]}, 400, "prompt"),
+    ({"top_k": 0}, 400, "top_k"),
+    ({"model": 999_999}, 404, "model"),
+    ({"model": "latest"}, 400, "model"),
+    ({"project": "no-such-project"}, 403, "project"),
+])
+def test_limits_and_bad_input_are_4xx_naming_the_field(project, deployed, rerank_client, settings, changes,
+                                                        status, field):
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_MAX_CANDIDATES": 3, "RERANK_MAX_CHARS": 100}
+    body = {"project": project.slug, "prompt": "hi", "candidates": ["a", "b"], **changes}
+    response = rerank_client.post(URL, body, format="json")
+    assert response.status_code == status, response.json()
+    assert response.json()["error"]["field"] == field
+
+
+@pytest.mark.django_db
+def test_a_version_of_another_project_is_404(project, deployed, rerank_client, model_dirs):
+    elsewhere = reward_model_register(project=ProjectFactory(), path=model_dirs[1], deploy=True)
+    response = _post(rerank_client, project, model=elsewhere.pk)
+    assert response.status_code == 404 and response.json()["error"]["field"] == "model"
+    assert _post(rerank_client, project, model=deployed.pk).json()["model"]["id"] == deployed.pk
+
+
+@pytest.mark.django_db
+def test_a_project_without_a_deployed_model_is_409(project, rerank_client, model_dirs):
+    reward_model_register(project=project, path=model_dirs[0])
+    response = _post(rerank_client, project)
+    assert response.status_code == 409
+    assert response.json()["error"]["field"] == "model" and "no deployed" in response.json()["error"]["message"]
+
+
+# --- who may call it ------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_key_scope(project, deployed, rerank_client, labeler, outsider):
+    other = ProjectFactory()
+    _, other_key = api_token_create(user=UserFactory(), scope=ApiToken.Scope.RERANK, project=other)
+    foreign = APIClient()
+    foreign.credentials(HTTP_AUTHORIZATION=f"Bearer {other_key}")
+    assert _post(foreign, project).status_code == 403
+    # A rerank key reaches no other endpoint.
+    assert rerank_client.get("/api/v1/projects/").status_code == 403
+    assert rerank_client.get(f"/api/v1/projects/{project.slug}/").status_code == 403
+    assert rerank_client.get("/api/v1/reward-models/").status_code == 403
+    # Members' own tokens may rerank; outsiders and anonymous callers may not.
+    assert _post(client_for(labeler), project).status_code == 200
+    assert _post(client_for(outsider), project).status_code == 404
+    assert _post(APIClient(), project).status_code in (401, 403)
+
+
+@pytest.mark.django_db
+def test_rerank_is_throttled_per_key(project, deployed, rerank_client, settings):
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_RATE": "2/min"}
+    assert [_post(rerank_client, project).status_code for _ in range(2)] == [200, 200]
+    limited = _post(rerank_client, project)
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "throttled"
+    # Another key has its own allowance.
+    manager = UserFactory()
+    Membership.objects.create(project=project, user=manager, role=Membership.Role.MANAGER)
+    assert _post(client_for(manager), project).status_code == 200
+
+
+# --- serving --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_deploying_a_new_version_is_served_without_restart(project, rerank_client, model_dirs):
+    reward_model_register(project=project, path=model_dirs[0], deploy=True)
+    first = _post(rerank_client, project).json()
+    reward_model_register(project=project, path=model_dirs[1], deploy=True)
+    second = _post(rerank_client, project).json()
+    assert (first["model"]["version"], second["model"]["version"]) == (1, 2)
+    assert [r["score"] for r in first["results"]] != [r["score"] for r in second["results"]]
+
+
+@pytest.mark.django_db
+def test_the_pool_loads_once_and_evicts_the_least_recently_used(settings, model_dirs):
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_MODEL_CACHE_SIZE": 1}
+    loads_before = serving.pool.loads
+    threads = [threading.Thread(target=serving.pool.get,
+                                kwargs={"reward_model_id": 1, "artifact_path": str(model_dirs[0])})
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert serving.pool.loads - loads_before == 1 and serving.pool.loaded_ids() == [1]
+    serving.pool.get(reward_model_id=2, artifact_path=str(model_dirs[1]))
+    assert serving.pool.loaded_ids() == [2]
+
+
+def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_scores(settings, model_dirs):
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_BATCH_WINDOW_MS": 300, "RERANK_MAX_BATCH": 64}
+    served = serving.pool.get(reward_model_id=1, artifact_path=str(model_dirs[0]))
+    scorer = RewardScorer.load(model_dirs[0])
+    inputs = [(f"Question {n}: what is {n} plus {n}?", [f"It is {2 * n}.", f"maybe {n}", "No idea at all." * (n + 1)])
+              for n in range(8)]
+    expected = [scorer.score(prompt, candidates, batch_size=1) for prompt, candidates in inputs]
+    barrier = threading.Barrier(len(inputs))
+    got: dict[int, list[float]] = {}
+
+    def call(n: int) -> None:
+        barrier.wait()
+        got[n] = served.score(*inputs[n])
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for n in range(len(inputs)):
+        assert got[n] == pytest.approx(expected[n], abs=1e-5)
+    assert sum(items for _, items in served.batcher.passes) == sum(len(c) for _, c in inputs)
+    assert max(requests for requests, _ in served.batcher.passes) > 1
+
+
+def test_a_failed_forward_pass_reaches_every_caller_and_the_batcher_keeps_going():
+    calls = []
+
+    def score_ids(sequences, *, batch_size):
+        calls.append(len(sequences))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return [float(len(ids)) for ids in sequences]
+
+    batcher = serving.MicroBatcher(score_ids, window_ms=0, max_items=8)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            batcher.score([[1, 2]])
+        assert batcher.score([[1, 2, 3], [1]]) == [3.0, 1.0]
+    finally:
+        batcher.stop()
