@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from itertools import groupby
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, Exists, OuterRef, QuerySet
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet
+from django.utils import timezone
 
 from labeling.errors import Forbidden, NotFound
 from labeling.models import Comparison, Membership, Pair, Project
@@ -131,3 +134,82 @@ def labeler_progress(*, projects: Iterable[Project], user: AbstractBaseUser) -> 
         .exclude(Exists(mine)).values_list("project_id").annotate(n=Count("id")).order_by()
     )
     return {pk: Progress(done=done.get(pk, 0), remaining=remaining.get(pk, 0)) for pk in ids}
+
+
+# --- the manager dashboard ------------------------------------------------------------------------------
+
+# A labeler is flagged for a look when one of these holds. The left-side rate needs enough labels to mean
+# anything: with fewer than OUTLIER_MIN_LABELS a fair labeler easily lands outside the band by chance.
+OUTLIER_MIN_LABELS = 20
+OUTLIER_LEFT_SHARE_BAND = (0.35, 0.65)
+OUTLIER_GOLD_ACCURACY_MIN = 0.7
+OUTLIER_MEDIAN_SECONDS_MIN = 3.0
+
+
+def project_list_managed_by(*, user: AbstractBaseUser) -> QuerySet[Project]:
+    """The projects a user may manage: every project for staff, else those where they are a manager."""
+    if user.is_staff:
+        return Project.objects.all()
+    return Project.objects.filter(memberships__user=user, memberships__role=Membership.Role.MANAGER).distinct()
+
+
+def membership_list(*, project: Project) -> QuerySet[Membership]:
+    return Membership.objects.filter(project=project).select_related("user").order_by("user__username")
+
+
+@dataclass(frozen=True)
+class RecentActivity:
+    comparisons_today: int
+    active_labelers: int
+
+
+def project_recent_activity(*, projects: Iterable[Project], now: datetime | None = None) -> dict[int, RecentActivity]:
+    """Per project id: human comparisons since local midnight, and distinct labelers in the last 24 hours."""
+    now = now or timezone.now()
+    midnight = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    ids = [project.pk for project in projects]
+    rows = (
+        Comparison.objects.filter(pair__project_id__in=ids, source=Comparison.Source.LABEL,
+                                  created_at__gte=min(midnight, now - timedelta(hours=24)), created_at__lte=now)
+        .values("pair__project_id")
+        .annotate(today=Count("id", filter=Q(created_at__gte=midnight)),
+                  labelers=Count("labeler_id", distinct=True, filter=Q(created_at__gte=now - timedelta(hours=24))))
+        .order_by()
+    )
+    found = {row["pair__project_id"]: RecentActivity(row["today"], row["labelers"]) for row in rows}
+    return {pk: found.get(pk, RecentActivity(0, 0)) for pk in ids}
+
+
+def labeler_outlier_reasons(*, comparisons: int, left_share: float | None, gold_accuracy: float | None,
+                            median_seconds: float | None) -> list[str]:
+    """Why a labeler's work deserves a second look (empty when nothing stands out). The one outlier rule."""
+    reasons = []
+    low, high = OUTLIER_LEFT_SHARE_BAND
+    if comparisons >= OUTLIER_MIN_LABELS and left_share is not None and not low <= left_share <= high:
+        reasons.append(f"picks the left side {left_share:.0%} of the time")
+    if gold_accuracy is not None and gold_accuracy < OUTLIER_GOLD_ACCURACY_MIN:
+        reasons.append(f"gold accuracy {gold_accuracy:.0%}")
+    if median_seconds is not None and median_seconds < OUTLIER_MEDIAN_SECONDS_MIN:
+        reasons.append(f"median {median_seconds:.1f} s per comparison")
+    return reasons
+
+
+def labeler_table(*, stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per labeler from labeling.stats.project_stats output: activity, gold accuracy and agreement with
+    others side by side, with the outlier reasons of each."""
+    gold = {row["labeler"]["id"]: row for row in stats["gold"]["labelers"]}
+    agreement = {row["labeler"]["id"]: row for row in stats["agreement"]["per_labeler"]}
+    rows = []
+    for activity in stats["labelers"]:
+        labeler_id = activity["labeler"]["id"]
+        gold_accuracy = gold[labeler_id]["accuracy"] if labeler_id in gold else None
+        rows.append({
+            **activity,
+            "gold_comparisons": gold[labeler_id]["comparisons"] if labeler_id in gold else 0,
+            "gold_accuracy": gold_accuracy,
+            "agreement": agreement[labeler_id]["agreement"] if labeler_id in agreement else None,
+            "outliers": labeler_outlier_reasons(comparisons=activity["comparisons"],
+                                                left_share=activity["left_share"], gold_accuracy=gold_accuracy,
+                                                median_seconds=activity["median_seconds"]),
+        })
+    return rows

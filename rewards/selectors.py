@@ -1,6 +1,8 @@
 """Reads of training runs and the model registry, limited to the projects a user may see."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
@@ -60,3 +62,25 @@ def reward_model_deployed(*, project: Project) -> RewardModel | None:
 
 def policy_list(*, project: Project) -> QuerySet[Policy]:
     return Policy.objects.filter(project=project).select_related("training_run").order_by("-version")
+
+
+def training_run_curves(*, run: TrainingRun) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """The run's logged metrics as drawable series, by step: losses (names ending in "loss") and accuracies
+    (names holding "accurac", which covers eval_accuracy and TRL's rewards/accuracies). Entries without a
+    step or with a non-numeric value are left out."""
+    curves: dict[str, dict[str, list[dict[str, float]]]] = {"loss": {}, "accuracy": {}}
+    for entry in run.metrics_history or []:
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            continue
+        for name, value in entry.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            group = "loss" if name.endswith("loss") else "accuracy" if "accurac" in name else None
+            if group is not None:
+                curves[group].setdefault(name, []).append({"step": step, "value": float(value)})
+    return curves
+
+
+def training_runs_active(*, runs: Iterable[TrainingRun]) -> bool:
+    return any(run.status in (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING) for run in runs)

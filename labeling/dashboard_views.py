@@ -1,0 +1,223 @@
+"""Manager dashboard pages: projects overview, a project's statistics, import/export, members and guidelines."""
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.exceptions import PermissionDenied
+from django.core.serializers.json import DjangoJSONEncoder
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.views import View
+
+from labeling import exports, imports, selectors, services, stats
+from labeling.errors import DomainError, Forbidden, NotFound, error_body
+from labeling.models import Membership, Project
+from labeling.views import _first_form_error
+from rewards.selectors import reward_model_deployed
+
+# Which of a reward model's evaluation metrics the overview shows as its held-out accuracy.
+HELD_OUT_ACCURACY_KEY = "eval_accuracy"
+
+
+def managed_project(request: HttpRequest, slug: str) -> Project:
+    """The project if the user manages it; 404 for outsiders (names do not leak), 403 for its labelers."""
+    try:
+        return selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
+    except NotFound as exc:
+        raise Http404(exc.message)
+    except Forbidden as exc:
+        raise PermissionDenied(exc.message)
+
+
+class ImportForm(forms.Form):
+    file = forms.FileField(help_text="A JSONL file, one record per line.")
+    format = forms.ChoiceField(choices=[(name, name) for name in imports.FORMATS])
+
+
+class MemberSetForm(forms.Form):
+    username = forms.CharField(max_length=150)
+    role = forms.ChoiceField(choices=Membership.Role.choices)
+
+
+class MemberRemoveForm(forms.Form):
+    username = forms.CharField(max_length=150)
+
+
+class GuidelinesForm(forms.Form):
+    guidelines = forms.CharField(required=False, max_length=100_000, widget=forms.Textarea)
+
+
+def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
+                  **extra: Any) -> HttpResponse:
+    project_stats = stats.project_stats(project=project)
+    agreement = project_stats["agreement"]
+    context: dict[str, Any] = {
+        "project": project,
+        "stats": project_stats,
+        "agreement": agreement,
+        "labeler_rows": selectors.labeler_table(stats=project_stats),
+        "choice_rows": [(choice, project_stats["choices"][choice]) for choice in stats.CHOICES],
+        "throughput_rows": project_stats["throughput"]["buckets"],
+        "memberships": selectors.membership_list(project=project),
+        "roles": Membership.Role.choices,
+        "import_formats": imports.FORMATS,
+        "export_formats": exports.FORMATS,
+        "reward_model": reward_model_deployed(project=project),
+        "outlier_rule": {
+            "min_labels": selectors.OUTLIER_MIN_LABELS, "left_band": selectors.OUTLIER_LEFT_SHARE_BAND,
+            "gold_min": selectors.OUTLIER_GOLD_ACCURACY_MIN, "seconds_min": selectors.OUTLIER_MEDIAN_SECONDS_MIN,
+        },
+        **extra,
+    }
+    return render(request, "labeling/dashboard/project.html", context, status=status)
+
+
+class DashboardView(LoginRequiredMixin, View):
+    def get(self, request: HttpRequest) -> HttpResponse:
+        projects = list(selectors.project_list_managed_by(user=request.user))
+        if not projects and not request.user.is_staff:
+            raise PermissionDenied("The dashboard is for project managers.")
+        activity = selectors.project_recent_activity(projects=projects)
+        rows = []
+        for project in projects:
+            reward_model = reward_model_deployed(project=project)
+            rows.append({
+                "project": project,
+                "pairs": stats.pair_counts(project=project),
+                "activity": activity[project.pk],
+                "agreement": stats.labeler_agreement(project=project),
+                "reward_model": reward_model,
+                "held_out_accuracy": (reward_model.metrics or {}).get(HELD_OUT_ACCURACY_KEY) if reward_model else None,
+            })
+        return render(request, "labeling/dashboard/overview.html", {"rows": rows})
+
+
+class ProjectDashboardView(LoginRequiredMixin, View):
+    def get(self, request: HttpRequest, slug: str) -> HttpResponse:
+        return _project_page(request, managed_project(request, slug))
+
+
+class ProjectChartsView(LoginRequiredMixin, View):
+    """The numbers behind the project page's charts, straight from labeling.stats."""
+
+    def get(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        raw_hours = request.GET.get("hours", str(stats.THROUGHPUT_DEFAULT_HOURS))
+        try:
+            throughput = stats.comparison_throughput_hourly(project=project, hours=int(raw_hours))
+        except ValueError:
+            return JsonResponse(error_body(message="hours must be a whole number.", code="invalid", field="hours"),
+                                status=400)
+        except DomainError as exc:
+            return JsonResponse(error_body(message=exc.message, code=exc.code, field=exc.field),
+                                status=exc.status_code)
+        data = {
+            "throughput": throughput,
+            "choices": stats.choice_distribution(project=project),
+            "agreement_by_labeler": stats.labeler_agreement(project=project)["per_labeler"],
+        }
+        return JsonResponse(data, encoder=DjangoJSONEncoder)
+
+
+class ProjectImportView(LoginRequiredMixin, View):
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        form = ImportForm(request.POST, request.FILES)
+        if not form.is_valid():
+            field, message = _first_form_error(form)
+            return _project_page(request, project, status=400, import_error=message, import_error_field=field)
+        upload = form.cleaned_data["file"]
+        limit = int(settings.PREFLAB["IMPORT_MAX_BYTES"])
+        if upload.size > limit:
+            return _project_page(request, project, status=413, import_error_field="file",
+                                 import_error=f"file: the file is {upload.size} bytes; the limit is {limit}.")
+        upload.seek(0)
+        report = imports.preferences_import(project=project, stream=upload.file, format=form.cleaned_data["format"])
+        return _project_page(request, project, import_report=report.as_dict(), import_name=upload.name)
+
+
+class ProjectExportView(LoginRequiredMixin, View):
+    def get(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        fmt = request.GET.get("format", "trl")
+        try:
+            lines = exports.preferences_export(project=project, format=fmt)
+        except DomainError as exc:
+            messages.error(request, f"{exc.field}: {exc.message}" if exc.field else exc.message)
+            return redirect("dashboard:project", slug=project.slug)
+        response = StreamingHttpResponse(lines, content_type="application/jsonl; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{project.slug}-{fmt}.jsonl"'
+        return response
+
+
+class MemberSetView(LoginRequiredMixin, View):
+    """Add a member by username, or change an existing member's role."""
+
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        form = MemberSetForm(request.POST)
+        if not form.is_valid():
+            field, message = _first_form_error(form)
+            return _project_page(request, project, status=400, member_error=message, member_error_field=field,
+                                 member_values=request.POST)
+        username = form.cleaned_data["username"].strip()
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            return _project_page(request, project, status=400, member_error_field="username",
+                                 member_error=f"username: there is no user called '{username}'.",
+                                 member_values=request.POST)
+        existed = Membership.objects.filter(project=project, user=user).exists()
+        membership = services.membership_set(project=project, user=user, role=form.cleaned_data["role"])
+        verb = "is now" if existed else "was added as"
+        messages.success(request, f"{user.get_username()} {verb} {membership.get_role_display().lower()}.")
+        return redirect("dashboard:project", slug=project.slug)
+
+
+class MemberRemoveView(LoginRequiredMixin, View):
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        form = MemberRemoveForm(request.POST)
+        user = None
+        if form.is_valid():
+            user = get_user_model().objects.filter(username=form.cleaned_data["username"]).first()
+        if user is None:
+            return _project_page(request, project, status=400, member_error_field="username",
+                                 member_error="username: no such member to remove.")
+        try:
+            services.membership_remove(project=project, user=user)
+        except DomainError as exc:
+            return _project_page(request, project, status=exc.status_code, member_error_field=exc.field,
+                                 member_error=exc.message)
+        messages.success(request, f"{user.get_username()} was removed from {project.name}.")
+        return redirect("dashboard:project", slug=project.slug)
+
+
+class GuidelinesView(LoginRequiredMixin, View):
+    """Edit the project's markdown guidelines; "Preview" shows them as labelers will see them, unsaved."""
+
+    def get(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        return render(request, "labeling/dashboard/guidelines.html",
+                      {"project": project, "text": project.guidelines, "preview": None})
+
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        form = GuidelinesForm(request.POST)
+        text = request.POST.get("guidelines", "")
+        if not form.is_valid():
+            field, message = _first_form_error(form)
+            return render(request, "labeling/dashboard/guidelines.html",
+                          {"project": project, "text": text, "preview": None, "error": message,
+                           "error_field": field}, status=400)
+        text = form.cleaned_data["guidelines"]
+        if request.POST.get("action") == "preview":
+            return render(request, "labeling/dashboard/guidelines.html",
+                          {"project": project, "text": text, "preview": text, "unsaved": text != project.guidelines})
+        services.project_update(project=project, guidelines=text)
+        messages.success(request, "Guidelines saved.")
+        return redirect("dashboard:project", slug=project.slug)

@@ -1,0 +1,114 @@
+/* Manager dashboard: charts drawn from the JSON endpoints, and tables sortable by mouse or keyboard. */
+(function () {
+  "use strict";
+
+  var PALETTE = ["#1f5fbf", "#b3261e", "#2e7d3f", "#a15c00", "#6a3fb5", "#00796b"];
+
+  function sortTable(table, columnIndex, button) {
+    var th = button.closest("th");
+    var ascending = th.getAttribute("aria-sort") !== "ascending";
+    var numeric = button.getAttribute("data-sort-type") === "number";
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    function key(row) {
+      var cell = row.cells[columnIndex];
+      var raw = cell.hasAttribute("data-sort-value") ? cell.getAttribute("data-sort-value") : cell.textContent.trim();
+      if (!numeric) { return raw.toLowerCase(); }
+      // Missing numbers sort last whichever way the column is sorted.
+      return raw === "" ? null : parseFloat(raw);
+    }
+    rows.sort(function (a, b) {
+      var x = key(a), y = key(b);
+      if (x === y) { return 0; }
+      if (x === null) { return 1; }
+      if (y === null) { return -1; }
+      return (x < y ? -1 : 1) * (ascending ? 1 : -1);
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (cell) { cell.removeAttribute("aria-sort"); });
+    th.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+    var status = document.getElementById("sort-status");
+    if (status) {
+      status.textContent = "Sorted by " + button.textContent + (ascending ? ", ascending" : ", descending") + ".";
+    }
+  }
+
+  function initSortable(table) {
+    var headers = table.tHead.rows[0].cells;
+    Array.prototype.forEach.call(headers, function (th, index) {
+      var button = th.querySelector("button[data-sort-type]");
+      if (button) {
+        button.addEventListener("click", function () { sortTable(table, index, button); });
+      }
+    });
+  }
+
+  function getJSON(url) {
+    return fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}}).then(function (r) {
+      if (!r.ok) { throw new Error(url + " answered " + r.status); }
+      return r.json();
+    });
+  }
+
+  function draw(id, config) {
+    var canvas = document.getElementById(id);
+    if (!canvas || !window.Chart) { return; }
+    config.options = Object.assign({responsive: true, maintainAspectRatio: false, animation: false}, config.options);
+    new window.Chart(canvas, config);
+  }
+
+  function projectCharts(container) {
+    getJSON(container.getAttribute("data-charts-url")).then(function (data) {
+      draw("chart-throughput", {
+        type: "line",
+        data: {
+          labels: data.throughput.map(function (b) { return b.hour.slice(5, 16).replace("T", " "); }),
+          datasets: [{label: "Comparisons", data: data.throughput.map(function (b) { return b.comparisons; }),
+                      borderColor: PALETTE[0], backgroundColor: PALETTE[0], tension: 0.2}]
+        },
+        options: {scales: {y: {beginAtZero: true, ticks: {precision: 0}}}}
+      });
+      draw("chart-agreement", {
+        type: "bar",
+        data: {
+          labels: data.agreement_by_labeler.map(function (r) { return r.labeler.username; }),
+          datasets: [{label: "Agreement with others", backgroundColor: PALETTE[2],
+                      data: data.agreement_by_labeler.map(function (r) { return r.agreement; })}]
+        },
+        options: {scales: {y: {min: 0, max: 1}}}
+      });
+      var choices = Object.keys(data.choices);
+      draw("chart-choices", {
+        type: "bar",
+        data: {labels: choices, datasets: [{label: "Comparisons", backgroundColor: PALETTE[0],
+                                            data: choices.map(function (c) { return data.choices[c]; })}]},
+        options: {scales: {y: {beginAtZero: true, ticks: {precision: 0}}}}
+      });
+    }).catch(function (error) { console.warn("charts unavailable:", error); });
+  }
+
+  function seriesDatasets(series) {
+    return Object.keys(series).map(function (name, index) {
+      var color = PALETTE[index % PALETTE.length];
+      return {label: name, borderColor: color, backgroundColor: color, tension: 0.1,
+              data: series[name].map(function (p) { return {x: p.step, y: p.value}; })};
+    });
+  }
+
+  function runCharts(container) {
+    getJSON(container.getAttribute("data-metrics-url")).then(function (data) {
+      var options = {scales: {x: {type: "linear", title: {display: true, text: "step"}}}};
+      draw("chart-loss", {type: "line", data: {datasets: seriesDatasets(data.curves.loss)}, options: options});
+      draw("chart-accuracy", {type: "line", data: {datasets: seriesDatasets(data.curves.accuracy)},
+                              options: {scales: {x: options.scales.x, y: {min: 0, max: 1}}}});
+    }).catch(function (error) { console.warn("charts unavailable:", error); });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("table[data-sortable]").forEach(initSortable);
+    var project = document.getElementById("dashboard-charts");
+    if (project) { projectCharts(project); }
+    var run = document.getElementById("run-charts");
+    if (run) { runCharts(run); }
+  });
+})();

@@ -1,0 +1,190 @@
+"""Training pages for managers: start runs, follow their progress, read a run's curves, cancel and deploy."""
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.utils.cache import patch_vary_headers
+from django.views import View
+
+from labeling.dashboard_views import managed_project
+from labeling.errors import DomainError, Forbidden, NotFound
+from labeling.models import Project
+from labeling.views import _first_form_error
+from rewards import selectors, services
+from rewards.models import RewardModel, TrainingRun
+from rewards.training.dpo import DPO_DEFAULTS
+from rewards.training.reward import REWARD_DEFAULTS
+from rewards.training.rlhf import RLHF_DEFAULTS
+
+RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    TrainingRun.Kind.REWARD: REWARD_DEFAULTS,
+    TrainingRun.Kind.DPO: DPO_DEFAULTS,
+    TrainingRun.Kind.RLHF: RLHF_DEFAULTS,
+}
+# The hyperparameters the start form offers, by TRL config field name; every other one keeps its recipe default.
+FORM_HYPERPARAMETERS: tuple[tuple[str, str, str], ...] = (
+    ("learning_rate", "Learning rate", "any"),
+    ("num_train_epochs", "Epochs", "any"),
+    ("per_device_train_batch_size", "Batch size per device", "1"),
+    ("max_length", "Max length (tokens)", "1"),
+)
+
+
+class StartForm(forms.Form):
+    kind = forms.ChoiceField(choices=TrainingRun.Kind.choices)
+    base_model = forms.CharField(required=False, max_length=500)
+    learning_rate = forms.FloatField(required=False)
+    num_train_epochs = forms.FloatField(required=False)
+    per_device_train_batch_size = forms.IntegerField(required=False)
+    max_length = forms.IntegerField(required=False)
+
+
+def _not_found_or_forbidden(exc: DomainError) -> Exception:
+    return PermissionDenied(exc.message) if isinstance(exc, Forbidden) else Http404(exc.message)
+
+
+def _managed_run(request: HttpRequest, run_id: int) -> TrainingRun:
+    try:
+        return selectors.training_run_get_for_user(run_id=run_id, user=request.user, manage=True)
+    except (NotFound, Forbidden) as exc:
+        raise _not_found_or_forbidden(exc)
+
+
+def _kind_forms(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One start form per kind, its fields filled with that recipe's defaults (or what was just posted)."""
+    result = []
+    for kind, label in TrainingRun.Kind.choices:
+        defaults = RECIPE_DEFAULTS[kind]
+        posted = values if values and values.get("kind") == kind else {}
+        fields = [{"name": name, "label": text, "step": step, "value": posted.get(name, defaults[name])}
+                  for name, text, step in FORM_HYPERPARAMETERS if name in defaults]
+        result.append({"kind": kind, "label": label, "fields": fields, "base_model": posted.get("base_model", ""),
+                       "open": bool(posted) or (not values and kind == TrainingRun.Kind.REWARD)})
+    return result
+
+
+def _runs_context(request: HttpRequest, project: Project) -> dict[str, Any]:
+    runs = list(selectors.training_run_list_for_user(user=request.user, project_slug=project.slug)[:50])
+    return {"project": project, "runs": runs, "polling": selectors.training_runs_active(runs=runs)}
+
+
+def _training_page(request: HttpRequest, project: Project, *, status: int = 200, **extra: Any) -> HttpResponse:
+    context = {
+        **_runs_context(request, project),
+        "kind_forms": _kind_forms(extra.pop("values", None)),
+        "reward_models": selectors.reward_model_list(project=project),
+        **extra,
+    }
+    return render(request, "rewards/training.html", context, status=status)
+
+
+class TrainingPageView(LoginRequiredMixin, View):
+    def get(self, request: HttpRequest, slug: str) -> HttpResponse:
+        return _training_page(request, managed_project(request, slug))
+
+
+class TrainingRunsView(LoginRequiredMixin, View):
+    """The runs list alone, polled by htmx while a run is queued or running."""
+
+    def get(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        return render(request, "rewards/_runs.html", _runs_context(request, project))
+
+
+class TrainingRunStartView(LoginRequiredMixin, View):
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        form = StartForm(request.POST)
+        values = request.POST.dict()
+        if not form.is_valid():
+            field, message = _first_form_error(form)
+            return _training_page(request, project, status=400, error=message, error_field=field, values=values)
+        data = form.cleaned_data
+        defaults = RECIPE_DEFAULTS[data["kind"]]
+        hyperparameters = {name: data[name] for name, _, _ in FORM_HYPERPARAMETERS
+                           if name in defaults and data[name] is not None}
+        try:
+            run = services.training_run_start(project=project, kind=data["kind"], created_by=request.user,
+                                              base_model=data["base_model"], hyperparameters=hyperparameters)
+        except DomainError as exc:
+            field = exc.field.removeprefix("hyperparameters.") if exc.field else None
+            message = f"{field}: {exc.message}" if field else exc.message
+            return _training_page(request, project, status=exc.status_code, error=message, error_field=field,
+                                  values=values)
+        messages.success(request, f"Run {run.pk} was queued.")
+        return redirect("training:run", run_id=run.pk)
+
+
+def _run_context(run: TrainingRun) -> dict[str, Any]:
+    registered = RewardModel.objects.filter(training_run=run).first()
+    return {
+        "run": run,
+        "active": run.status in (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING),
+        "registered": registered,
+        "deployable": registered is not None and not registered.is_deployed,
+    }
+
+
+class RunPageView(LoginRequiredMixin, View):
+    def get(self, request: HttpRequest, run_id: int) -> HttpResponse:
+        run = _managed_run(request, run_id)
+        context = _run_context(run)
+        context["hyperparameters"] = sorted(run.hyperparameters.items())
+        context["eval_metrics"] = sorted(run.eval_metrics.items())
+        context["curves"] = selectors.training_run_curves(run=run)
+        return render(request, "rewards/run.html", context)
+
+
+class RunStatusView(LoginRequiredMixin, View):
+    """The run's status block alone, polled by htmx until the run finishes."""
+
+    def get(self, request: HttpRequest, run_id: int) -> HttpResponse:
+        response = render(request, "rewards/_run_status.html", _run_context(_managed_run(request, run_id)))
+        patch_vary_headers(response, ["HX-Request"])
+        return response
+
+
+class RunMetricsView(LoginRequiredMixin, View):
+    def get(self, request: HttpRequest, run_id: int) -> HttpResponse:
+        run = _managed_run(request, run_id)
+        return JsonResponse({"run": run.pk, "status": run.status, "step": run.step, "total_steps": run.total_steps,
+                             "curves": selectors.training_run_curves(run=run)})
+
+
+class RunCancelView(LoginRequiredMixin, View):
+    def post(self, request: HttpRequest, run_id: int) -> HttpResponse:
+        run = _managed_run(request, run_id)
+        try:
+            run = services.training_run_cancel(run=run)
+        except DomainError as exc:
+            messages.error(request, exc.message)
+        else:
+            if run.status == TrainingRun.Status.CANCELLED:
+                messages.success(request, f"Run {run.pk} was cancelled.")
+            else:
+                messages.success(request, f"Run {run.pk} will stop at its next logging step.")
+        return redirect("training:run", run_id=run.pk)
+
+
+class RewardModelDeployView(LoginRequiredMixin, View):
+    def post(self, request: HttpRequest, reward_model_id: int) -> HttpResponse:
+        try:
+            model = selectors.reward_model_get_for_user(reward_model_id=reward_model_id, user=request.user,
+                                                        manage=True)
+        except (NotFound, Forbidden) as exc:
+            raise _not_found_or_forbidden(exc)
+        try:
+            model = services.reward_model_deploy(reward_model=model, deployed_by=request.user)
+        except DomainError as exc:
+            messages.error(request, f"Version {model.version} was not deployed: {exc.message}")
+        else:
+            messages.success(request, f"Reward model v{model.version} is now deployed.")
+        if request.POST.get("next") == "run" and model.training_run_id:
+            return redirect("training:run", run_id=model.training_run_id)
+        return redirect("training:training", slug=model.project.slug)

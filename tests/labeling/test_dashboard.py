@@ -1,0 +1,290 @@
+"""Manager dashboard pages: permissions, numbers equal to labeling.stats, charts JSON, import report, export,
+members, guidelines and the labeler outlier rule."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+
+from labeling import exports, selectors, stats
+from labeling.models import Comparison, Membership, Pair
+from rewards.models import RewardModel
+from tests.factories import PairFactory, ProjectFactory, UserFactory
+
+
+def _client(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def _member(project, role=Membership.Role.LABELER, **fields):
+    user = UserFactory(**fields)
+    Membership.objects.create(project=project, user=user, role=role)
+    return user
+
+
+def _label(pair, labeler, choice, *, swapped=False, time_ms=5000) -> Comparison:
+    comparison = Comparison.objects.create(pair=pair, labeler=labeler, choice=choice, swapped=swapped,
+                                           time_ms=time_ms)
+    pair.label_count += 1
+    if pair.gold_choice is None and pair.label_count >= pair.project.labels_per_pair:
+        pair.status = Pair.Status.COMPLETE
+    pair.save(update_fields=["label_count", "status"])
+    return comparison
+
+
+@pytest.fixture
+def known(project, manager):
+    """Two labelers on four pairs (one gold) of a two-labels-per-pair project: ann agrees with gold, bob does
+    not, and bob answers in one second."""
+    project.labels_per_pair = 2
+    project.save()
+    ann = _member(project, username="ann")
+    bob = _member(project, username="bob")
+    pairs = [PairFactory(project=project) for _ in range(3)]
+    gold = PairFactory(project=project, gold_choice="a")
+    _label(pairs[0], ann, "a"), _label(pairs[0], bob, "a", swapped=True, time_ms=1000)
+    _label(pairs[1], ann, "b"), _label(pairs[1], bob, "a", time_ms=1000)
+    _label(pairs[2], ann, "tie", time_ms=8000)
+    _label(gold, ann, "a"), _label(gold, bob, "b", time_ms=1000)
+    return {"ann": ann, "bob": bob, "pairs": pairs, "gold": gold}
+
+
+def _urls(project) -> list[str]:
+    base = f"/dashboard/{project.slug}/"
+    return [base, f"{base}charts.json", f"{base}guidelines/"]
+
+
+# --- permissions ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_pages_answer_by_role(project, manager, labeler, admin_user, outsider):
+    for url in ["/dashboard/", *_urls(project)]:
+        assert _client(manager).get(url).status_code == 200, url
+        assert _client(admin_user).get(url).status_code == 200, url
+        assert _client(labeler).get(url).status_code == 403, url
+    for url in _urls(project):
+        assert _client(outsider).get(url).status_code == 404, url
+        response = Client().get(url)
+        assert response.status_code == 302 and response.url.startswith("/accounts/login/"), url
+    # Someone who manages nothing has no dashboard.
+    assert _client(outsider).get("/dashboard/").status_code == 403
+    assert Client().get("/dashboard/").status_code == 302
+
+
+@pytest.mark.django_db
+def test_a_labeler_cannot_change_members_or_guidelines(project, labeler):
+    client = _client(labeler)
+    base = f"/dashboard/{project.slug}/"
+    assert client.post(f"{base}members/", {"username": labeler.username, "role": "manager"}).status_code == 403
+    assert client.post(f"{base}guidelines/", {"guidelines": "x", "action": "save"}).status_code == 403
+    assert Membership.objects.get(user=labeler).role == Membership.Role.LABELER
+    assert _guidelines(project) == ""
+
+
+def _guidelines(project) -> str:
+    project.refresh_from_db()
+    return project.guidelines
+
+
+@pytest.mark.django_db
+def test_forms_need_the_csrf_token(project, manager):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(manager)
+    response = client.post(f"/dashboard/{project.slug}/members/", {"username": manager.username, "role": "labeler"})
+    assert response.status_code == 403
+    assert Membership.objects.get(user=manager).role == Membership.Role.MANAGER
+    page = client.get(f"/dashboard/{project.slug}/").content.decode()
+    assert page.count('name="csrfmiddlewaretoken"') >= 4
+
+
+# --- numbers --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_project_page_shows_the_stats_numbers(project, manager, known):
+    expected = stats.project_stats(project=project)
+    page = _client(manager).get(f"/dashboard/{project.slug}/").content.decode()
+    assert f"{expected['pairs']['complete']} of {expected['pairs']['labelable']} pairs complete" in page
+    assert expected["pairs"] == {"total": 4, "gold": 1, "complete": 2, "in_progress": 1, "unlabeled": 0,
+                                 "labelable": 3}
+    assert f'data-stat="comparisons-total">{expected["comparisons"]["total"]} ' in page
+    alpha = expected["agreement"]["krippendorff_alpha"]
+    assert f'data-stat="alpha">{alpha:.3f}<' in page
+    assert f'data-stat="gold-accuracy">{expected["gold"]["accuracy"]:.3f} ' in page
+    for choice, count in expected["choices"].items():
+        assert f'data-choice="{choice}">{count}<' in page
+    for row in expected["agreement"]["per_labeler"]:
+        assert f"<td>{row['labeler']['username']}</td><td class=\"num\">{row['pairs']}</td>" \
+               f"<td class=\"num\">{row['agreement']:.3f}</td>" in page
+    activity = {row["labeler"]["username"]: row for row in expected["labelers"]}
+    assert activity["bob"]["median_seconds"] == 1.0 and activity["ann"]["median_seconds"] == 5.0
+    assert f'data-sort-value="{activity["ann"]["left_share"]}">{activity["ann"]["left_share"]:.3f}<' in page
+    # bob answers in a second and misses the gold pair: flagged; ann is not.
+    assert 'data-labeler="bob" class="outlier"' in page and "median 1.0 s per comparison" in page
+    assert "gold accuracy 0%" in page
+    assert 'data-labeler="ann">' in page
+    hours = expected["throughput"]["buckets"]
+    assert page.count("<tr><td>") >= len(hours)
+
+
+@pytest.mark.django_db
+def test_charts_json_returns_the_stats_selectors_output(project, manager, known):
+    body = _client(manager).get(f"/dashboard/{project.slug}/charts.json").json()
+    throughput = stats.comparison_throughput_hourly(project=project)
+    assert [b["comparisons"] for b in body["throughput"]] == [b["comparisons"] for b in throughput]
+    assert body["throughput"][-1]["comparisons"] == 7
+    assert body["choices"] == stats.choice_distribution(project=project)
+    agreement = json.loads(json.dumps(stats.labeler_agreement(project=project)["per_labeler"]))
+    assert body["agreement_by_labeler"] == agreement
+
+
+@pytest.mark.django_db
+def test_charts_json_rejects_a_bad_hours_value(project, manager):
+    client = _client(manager)
+    for value in ("abc", "0", "100000"):
+        response = client.get(f"/dashboard/{project.slug}/charts.json?hours={value}")
+        assert response.status_code == 400
+        assert response.json()["error"]["field"] == "hours"
+    assert len(client.get(f"/dashboard/{project.slug}/charts.json?hours=6").json()["throughput"]) == 6
+
+
+@pytest.mark.django_db
+def test_overview_shows_progress_activity_agreement_and_reward_model(project, manager, known, tmp_path):
+    other = ProjectFactory()
+    RewardModel.objects.create(project=project, version=3, artifact_path=str(tmp_path), is_deployed=True,
+                               deployed_at="2025-01-01T00:00:00Z", metrics={"eval_accuracy": 0.75})
+    page = _client(manager).get("/dashboard/").content.decode()
+    activity = selectors.project_recent_activity(projects=[project])[project.pk]
+    assert activity.comparisons_today == 7 and activity.active_labelers == 2
+    assert f'data-stat="comparisons-today">{activity.comparisons_today}<' in page
+    assert f'data-stat="active-labelers">{activity.active_labelers}<' in page
+    alpha = stats.labeler_agreement(project=project)["krippendorff_alpha"]
+    assert f"\N{GREEK SMALL LETTER ALPHA} = {alpha:.3f}" in page
+    assert "v3, held-out accuracy 0.750" in page
+    assert "2 of 3 pairs complete" in page
+    # Only the projects this manager manages are listed.
+    assert other.name not in page
+
+
+# --- import and export ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_import_shows_the_line_numbered_report(project, manager):
+    content = (b'{"prompt": "Hi?", "chosen": "Hello there.", "rejected": "Go away."}\n'
+               b'{"prompt": "Hi?", "chosen": "same"\n'
+               b'{"prompt": "Bye?", "chosen": "Goodbye.", "rejected": "No."}\n')
+    upload = SimpleUploadedFile("prefs.jsonl", content, content_type="application/jsonl")
+    response = _client(manager).post(f"/dashboard/{project.slug}/import/", {"file": upload, "format": "trl"})
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "prefs.jsonl" in page and "3 lines read, 2 pairs and 2 comparisons created" in page
+    assert '<tr><td class="num">2</td><td>' in page
+    assert Pair.objects.filter(project=project).count() == 2
+
+
+@pytest.mark.django_db
+def test_import_without_a_file_or_with_a_bad_format_names_the_field(project, manager):
+    client = _client(manager)
+    response = client.post(f"/dashboard/{project.slug}/import/", {"format": "trl"})
+    assert response.status_code == 400 and "Not imported (file)" in response.content.decode()
+    upload = SimpleUploadedFile("x.jsonl", b"{}\n")
+    response = client.post(f"/dashboard/{project.slug}/import/", {"file": upload, "format": "csv"})
+    assert response.status_code == 400 and "Not imported (format)" in response.content.decode()
+    assert not Pair.objects.exists()
+
+
+@pytest.mark.django_db
+def test_export_streams_the_export_service(project, manager, known):
+    client = _client(manager)
+    for fmt in exports.FORMATS:
+        response = client.get(f"/dashboard/{project.slug}/export/?format={fmt}")
+        assert response.status_code == 200
+        assert response["Content-Disposition"] == f'attachment; filename="{project.slug}-{fmt}.jsonl"'
+        body = b"".join(response.streaming_content).decode()
+        assert body == "".join(exports.preferences_export(project=project, format=fmt))
+    response = client.get(f"/dashboard/{project.slug}/export/?format=xml", follow=True)
+    assert "format: Unknown format" in response.content.decode()
+
+
+# --- members and guidelines -----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_members_are_added_changed_and_removed(project, manager):
+    newcomer = UserFactory(username="newcomer")
+    client = _client(manager)
+    url = f"/dashboard/{project.slug}/members/"
+    response = client.post(url, {"username": "newcomer", "role": "labeler"}, follow=True)
+    assert "newcomer was added as labeler." in response.content.decode()
+    assert Membership.objects.get(project=project, user=newcomer).role == "labeler"
+    response = client.post(url, {"username": "newcomer", "role": "manager"}, follow=True)
+    assert "newcomer is now manager." in response.content.decode()
+    assert Membership.objects.get(project=project, user=newcomer).role == "manager"
+    response = client.post(f"{url}remove/", {"username": "newcomer"}, follow=True)
+    assert "newcomer was removed" in response.content.decode()
+    assert not Membership.objects.filter(project=project, user=newcomer).exists()
+
+
+@pytest.mark.django_db
+def test_member_errors_are_shown_with_the_field(project, manager):
+    client = _client(manager)
+    url = f"/dashboard/{project.slug}/members/"
+    response = client.post(url, {"username": "nobody", "role": "labeler"})
+    page = response.content.decode()
+    assert response.status_code == 400 and "Not changed (username)" in page and "nobody" in page
+    response = client.post(url, {"username": manager.username, "role": "owner"})
+    assert response.status_code == 400 and "Not changed (role)" in response.content.decode()
+    response = client.post(f"{url}remove/", {"username": UserFactory().username})
+    assert response.status_code == 404 and "Not changed (user)" in response.content.decode()
+    assert Membership.objects.get(user=manager).role == "manager"
+
+
+@pytest.mark.django_db
+def test_guidelines_preview_renders_safely_and_save_stores(project, manager):
+    client = _client(manager)
+    url = f"/dashboard/{project.slug}/guidelines/"
+    text = "Prefer **honest** answers.\n\n<script>alert(1)</script>"
+    response = client.post(url, {"guidelines": text, "action": "preview"})
+    page = response.content.decode()
+    assert response.status_code == 200 and "<strong>honest</strong>" in page and "not saved yet" in page
+    assert "<script>alert(1)</script>" not in page
+    assert _guidelines(project) == ""
+    response = client.post(url, {"guidelines": text, "action": "save"})
+    assert response.status_code == 302 and response.url == f"/dashboard/{project.slug}/"
+    assert _guidelines(project) == text
+
+
+# --- the outlier rule -----------------------------------------------------------------------------------
+
+
+def test_outlier_rule():
+    ok = {"comparisons": 50, "left_share": 0.5, "gold_accuracy": 0.9, "median_seconds": 12.0}
+    assert selectors.labeler_outlier_reasons(**ok) == []
+    assert selectors.labeler_outlier_reasons(**{**ok, "left_share": 0.65}) == []
+    assert selectors.labeler_outlier_reasons(**{**ok, "left_share": 0.66}) == ["picks the left side 66% of the time"]
+    assert selectors.labeler_outlier_reasons(**{**ok, "left_share": 0.2}) == ["picks the left side 20% of the time"]
+    # Too few labels to judge position bias.
+    assert selectors.labeler_outlier_reasons(**{**ok, "comparisons": 19, "left_share": 0.9}) == []
+    assert selectors.labeler_outlier_reasons(**{**ok, "gold_accuracy": 0.69}) == ["gold accuracy 69%"]
+    assert selectors.labeler_outlier_reasons(**{**ok, "gold_accuracy": 0.7}) == []
+    assert selectors.labeler_outlier_reasons(**{**ok, "median_seconds": 2.5}) == ["median 2.5 s per comparison"]
+    none = {"comparisons": 0, "left_share": None, "gold_accuracy": None, "median_seconds": None}
+    assert selectors.labeler_outlier_reasons(**none) == []
+    assert len(selectors.labeler_outlier_reasons(comparisons=30, left_share=0.9, gold_accuracy=0.1,
+                                                 median_seconds=0.5)) == 3
+
+
+@pytest.mark.django_db
+def test_labeler_table_joins_the_stats(project, known):
+    rows = {row["labeler"]["username"]: row for row in selectors.labeler_table(stats=stats.project_stats(
+        project=project))}
+    assert rows["ann"]["comparisons"] == 4 and rows["ann"]["gold_accuracy"] == 1.0 and rows["ann"]["outliers"] == []
+    assert rows["bob"]["gold_accuracy"] == 0.0 and rows["bob"]["gold_comparisons"] == 1
+    assert rows["ann"]["agreement"] == pytest.approx(1 / 3)
+    assert rows["bob"]["outliers"] == ["gold accuracy 0%", "median 1.0 s per comparison"]
