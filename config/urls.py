@@ -1,7 +1,9 @@
-"""Top-level routes: the API under /api/v1/, its schema and docs, the pages, and Django admin."""
+"""Top-level routes: the API under /api/v1/, its schema and docs, the pages, Django admin and /metrics."""
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from config.metrics import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -10,5 +12,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("metrics", metrics_view, name="metrics"),
+    path("dashboard/", include("rewards.page_urls")),
+    path("dashboard/", include("labeling.dashboard_urls")),
     path("", include("labeling.page_urls")),
 ]

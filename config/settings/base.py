@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(environ.Env().str("PREFLAB_VAR_DIR", default=str(BASE_DIR / "var")))
@@ -36,6 +37,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so that its request id, timing and access log cover everything the others do.
+    "config.middleware.RequestContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -109,7 +112,9 @@ REST_FRAMEWORK = {
         "labeling.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Scoped API keys (rerank) are refused everywhere except the views that opt in with `token_scopes`.
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated",
+                                   "labeling.permissions.ScopedTokenPermission"],
     "DEFAULT_SCHEMA_CLASS": "labeling.schema.PreflabAutoSchema",
     "EXCEPTION_HANDLER": "labeling.errors.exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
@@ -154,7 +159,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # Cache: Redis when configured (shared by every process), local memory otherwise.
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    # Short socket timeouts: callers that can do without the cache (reranking) fall back quickly when Redis hangs.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                          "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2}}}
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -175,13 +182,35 @@ PREFLAB = {
     # Folders the API may register reward models from (the management command takes any path).
     "MODEL_IMPORT_DIRS": [Path(p) for p in env.list("PREFLAB_MODEL_IMPORT_DIRS",
                                                      default=[str(VAR_DIR / "models")])],
+    # Best-of-N reranking: requests per key, request size limits, result cache, warm models and batching.
+    "RERANK_RATE": env.str("PREFLAB_RERANK_RATE", default="600/min"),
+    "RERANK_MAX_CANDIDATES": env.int("PREFLAB_RERANK_MAX_CANDIDATES", default=64),
+    "RERANK_MAX_CHARS": env.int("PREFLAB_RERANK_MAX_CHARS", default=200_000),
+    "RERANK_MAX_REGEX_CHARS": env.int("PREFLAB_RERANK_MAX_REGEX_CHARS", default=500),
+    "RERANK_CACHE_SECONDS": env.int("PREFLAB_RERANK_CACHE_SECONDS", default=3600),
+    "RERANK_MODEL_CACHE_SIZE": env.int("PREFLAB_RERANK_MODEL_CACHE_SIZE", default=2),
+    "RERANK_BATCH_WINDOW_MS": env.float("PREFLAB_RERANK_BATCH_WINDOW_MS", default=5.0),
+    "RERANK_MAX_BATCH": env.int("PREFLAB_RERANK_MAX_BATCH", default=64),
+    # Torch threads per process; 0 means one per core this process may use.
+    "TORCH_THREADS": env.int("PREFLAB_TORCH_THREADS", default=0),
+    # /metrics answers loopback addresses, and others only with `Authorization: Bearer <this>` (blank: never).
+    "METRICS_TOKEN": env.str("PREFLAB_METRICS_TOKEN", default=""),
 }
 
+LOG_FORMAT = env.str("PREFLAB_LOG_FORMAT", default="plain").lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"PREFLAB_LOG_FORMAT must be 'plain' or 'json', not {LOG_FORMAT!r}.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "config.logging.RequestIdFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "json": {"()": "config.logging.JsonFormatter"},
+    },
+    # PREFLAB_LOG_FORMAT=json writes one JSON object per line (docker-compose); plain text suits a terminal.
+    "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["request_id"],
+                             "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env.str("PREFLAB_LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
