@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -221,12 +222,25 @@ def _grant(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease:
     return lease
 
 
+# When every candidate is row-locked by another labeler's grant or submit, SKIP LOCKED sees nothing although
+# the queue is not empty; those locks last milliseconds, so look again a few times before answering "empty".
+LOCKED_RETRIES = 5
+LOCKED_RETRY_SECONDS = 0.02
+
+
 def _try_candidates(*, candidates, labeler: AbstractBaseUser, now, attempts: int = 5) -> Lease | None:
     tried: list[int] = []
-    for _ in range(attempts):
+    locked_retries = 0
+    while len(tried) < attempts:
         qs = candidates.exclude(pk__in=tried) if tried else candidates
         pair = qs.select_for_update(skip_locked=True, of=("self",)).first()
         if pair is None:
+            # A plain read (no lock) tells "all locked right now" from "nothing left"; in READ COMMITTED each
+            # retry sees what the other transactions committed meanwhile.
+            if locked_retries < LOCKED_RETRIES and qs.exists():
+                locked_retries += 1
+                time.sleep(LOCKED_RETRY_SECONDS)
+                continue
             return None
         if _has_free_slot(pair=pair, labeler=labeler, now=now):
             return _grant(pair=pair, labeler=labeler, now=now)
