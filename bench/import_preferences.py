@@ -23,6 +23,7 @@ import django
 
 django.setup()
 
+from django.core.management import call_command  # noqa: E402
 from django.db import connection, transaction  # noqa: E402
 
 from labeling.imports import BATCH_LINES, BadLine, parse_hh, preferences_import  # noqa: E402
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--bad-every", type=int, default=5000, help="Every n-th line is broken (0: none).")
     parser.add_argument("--keep", action="store_true", help="Keep the projects the run creates.")
     args = parser.parse_args()
+    call_command("migrate", verbosity=0)
 
     with tempfile.TemporaryDirectory() as directory:
         path = Path(directory) / "bench-hh.jsonl"
