@@ -298,6 +298,62 @@ def test_a_reward_model_trains_end_to_end_through_the_worker(project, manager, t
     assert detail["status"] == "succeeded" and detail["progress"]["step"] == 3
 
 
+def _causal_params_changed(artifact: str, base) -> bool:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(artifact)
+    original = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    return any(not torch.equal(p, original[name]) for name, p in trained.state_dict().items() if name in original)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dpo_trains_end_to_end_through_the_worker_and_registers_a_policy(project, manager, tmp_path,
+                                                                          training_worker):
+    from rewards.models import Policy
+    from tests.rewards.tiny import tiny_causal_lm
+
+    base = tiny_causal_lm(tmp_path / "policy")
+    labeled_pairs(project, count=6)
+    response = client_for(manager).post(URL, {
+        "project": project.slug, "kind": "dpo", "base_model": str(base), "eval_fraction": 0.3,
+        "hyperparameters": {"max_steps": 2, "max_length": 96, "learning_rate": 1e-3, "logging_steps": 1,
+                            "win_rate_prompts": 1, "max_new_tokens": 4},
+    }, format="json")
+    assert response.status_code == 202, response.json()
+    run = _wait_for(response.json()["id"], lambda r: r.is_finished)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error + run.log_tail
+    assert any("loss" in entry for entry in run.metrics_history)
+    assert "eval_rewards/accuracies" in run.eval_metrics
+    assert _causal_params_changed(run.artifact_path, base)
+    policy = Policy.objects.get(training_run=run)
+    assert policy.kind == "dpo" and policy.version == 1 and policy.artifact_path == run.artifact_path
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rlhf_trains_end_to_end_through_the_worker_with_the_deployed_reward_model(project, manager, tmp_path,
+                                                                                  training_worker):
+    from rewards.models import Policy
+    from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model
+
+    reward = services.reward_model_register(project=project, path=tiny_reward_model(tmp_path / "reward"))
+    services.reward_model_deploy(reward_model=reward)
+    base = tiny_causal_lm(tmp_path / "policy")
+    labeled_pairs(project, count=6)
+    response = client_for(manager).post(URL, {
+        "project": project.slug, "kind": "rlhf", "base_model": str(base),
+        "hyperparameters": {"max_steps": 2, "learning_rate": 1e-3, "max_completion_length": 8,
+                            "heldout_prompts": 2, "logging_steps": 1},
+    }, format="json")
+    assert response.status_code == 202, response.json()
+    run = _wait_for(response.json()["id"], lambda r: r.is_finished)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error + run.log_tail
+    assert run.reward_model_id == reward.pk
+    assert {"reward_before", "reward_after", "kl_to_base"} <= set(run.eval_metrics)
+    assert _causal_params_changed(run.artifact_path, base)
+    assert Policy.objects.get(training_run=run).kind == "rlhf"
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_running_run_is_cancelled_through_the_worker(project, manager, tmp_path, training_worker):
     from tests.rewards.tiny import tiny_reward_model
