@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,14 +33,42 @@ def hh_text(prompt) -> str:
     return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt) + "\n\nAssistant:"
 
 
-def run_recipe(train, evaluation, settings: dict, workdir: Path) -> dict:
-    from rewards.training.reward import train_reward_model
+def run_service(train, evaluation, settings: dict, args: argparse.Namespace, workdir: Path) -> dict:
+    """The service's own path: the pairs imported into a project, a training run submitted and executed by
+    the same service the Celery worker calls, then the artifact scored on the bench's held-out pairs."""
+    import json
 
+    from django.core.management import call_command
+
+    from labeling.imports import preferences_import
+    from labeling.services import project_create
+    from rewards import services
+    from rewards.models import RewardModel
+    from rewards.scoring import RewardScorer, evaluate_preferences
+
+    call_command("migrate", verbosity=0)
+    source = workdir / "pairs.trl.jsonl"
+    with source.open("w", encoding="utf-8") as out:
+        for example in (*train, *evaluation):
+            row = {"prompt": example.prompt, "chosen": [{"role": "assistant", "content": example.chosen}],
+                   "rejected": [{"role": "assistant", "content": example.rejected}]}
+            out.write(json.dumps(row) + "\n")
+    project = project_create(name="bench", slug=f"bench-{int(time.time())}")
+    with source.open("rb") as stream:
+        report = preferences_import(project=project, stream=stream, format="trl")
     started = time.perf_counter()
-    result = train_reward_model(train=train, eval=evaluation, output_dir=workdir / "recipe", hyperparameters=settings)
-    return {"seconds": time.perf_counter() - started, "accuracy": result.metrics["eval_accuracy"],
-            "train_pairs_used": result.train_pairs, "shortened": result.shortened_pairs,
-            "train_runtime": result.metrics["train_runtime"]}
+    run = services.training_run_start(project=project, kind="reward", hyperparameters=settings,
+                                      eval_fraction=args.eval_fraction, seed=args.seed, queue=False)
+    run = services.training_run_execute(run_id=run.pk)
+    seconds = time.perf_counter() - started
+    if run.status != "succeeded":
+        raise SystemExit(f"service run {run.status}: {run.error}")
+    scorer = RewardScorer.load(run.artifact_path)
+    metrics = evaluate_preferences(scorer, evaluation)
+    lineage = RewardModel.objects.get(training_run=run).lineage
+    return {"seconds": seconds, "accuracy": metrics["accuracy"], "train_pairs_used": lineage["train_pairs"],
+            "shortened": lineage["shortened_pairs"], "train_runtime": run.eval_metrics["train_runtime"],
+            "imported": report.pairs_created, "service_eval_pairs": run.eval_count}
 
 
 def run_plain_trl(train, evaluation, settings: dict, workdir: Path) -> dict:
@@ -88,6 +117,10 @@ def run_plain_trl(train, evaluation, settings: dict, workdir: Path) -> dict:
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    scratch_dir = Path(tempfile.mkdtemp(prefix="bench-reward-"))
+    # A scratch SQLite database and artifact folder, unless DATABASE_URL points elsewhere.
+    os.environ.setdefault("PREFLAB_VAR_DIR", str(scratch_dir / "var"))
+    (scratch_dir / "var").mkdir()
     import django
 
     django.setup()
@@ -102,13 +135,17 @@ def main() -> None:
     print(f"data: {args.data} | pairs {len(examples)} (bad lines {len(errors)}) | train {len(train)} | "
           f"eval {len(evaluation)} | max_length {args.max_length} | epochs {args.epochs} | batch {args.batch_size}")
 
-    with tempfile.TemporaryDirectory(prefix="bench-reward-") as scratch:
-        recipe = run_recipe(train, evaluation, settings, Path(scratch))
-        plain = run_plain_trl(train, evaluation, settings, Path(scratch))
+    try:
+        recipe = run_service(train, evaluation, settings, args, scratch_dir)
+        plain = run_plain_trl(train, evaluation, settings, scratch_dir)
+    finally:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+    if recipe["service_eval_pairs"] != len(evaluation):
+        print(f"note: the service held out {recipe['service_eval_pairs']} pairs, the bench {len(evaluation)}")
 
     print(f"{'run':<14}{'wall s':>9}{'train s':>9}{'s/pair':>8}{'train pairs used':>18}{'shortened':>11}"
           f"{'eval acc':>10}")
-    for name, row in (("preflab", recipe), ("plain TRL", plain)):
+    for name, row in (("preflab service", recipe), ("plain TRL", plain)):
         per_pair = row["train_runtime"] / max(row["train_pairs_used"], 1)
         print(f"{name:<14}{row['seconds']:>9.1f}{row['train_runtime']:>9.1f}{per_pair:>8.2f}"
               f"{row['train_pairs_used']:>11} / {len(train):<4}{row['shortened']:>11}{row['accuracy']:>10.3f}")
