@@ -33,6 +33,10 @@ class Project(models.Model):
     allow_both_bad = models.BooleanField(default=True)
     strength_scale = models.CharField(max_length=8, choices=StrengthScale.choices, default=StrengthScale.NONE)
     gold_rate = models.FloatField(default=0.0, help_text="Share of assignments that are gold pairs (0 to 1).")
+    rerank_sample_rate = models.FloatField(
+        default=0.0, help_text="Share of close reranks (0 to 1) whose best two candidates become a pair to label.")
+    rerank_sample_margin = models.FloatField(
+        default=0.5, help_text="Largest reward gap between the best and runner-up that counts as close.")
     created_at = models.DateTimeField(auto_now_add=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
 
@@ -42,6 +46,9 @@ class Project(models.Model):
             models.CheckConstraint(condition=Q(labels_per_pair__gte=1, labels_per_pair__lte=50),
                                    name="project_labels_per_pair_range"),
             models.CheckConstraint(condition=Q(gold_rate__gte=0.0, gold_rate__lte=1.0), name="project_gold_rate_range"),
+            models.CheckConstraint(condition=Q(rerank_sample_rate__gte=0.0, rerank_sample_rate__lte=1.0),
+                                   name="project_rerank_sample_rate_range"),
+            models.CheckConstraint(condition=Q(rerank_sample_margin__gte=0.0), name="project_rerank_sample_margin_min"),
         ]
 
     def __str__(self) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -153,6 +154,8 @@ def evaluate_preferences(scorer: RewardScorer, examples: Sequence[PreferenceExam
 # the same request's body identical whichever requests it shared a forward pass with.
 SCORE_DECIMALS = 5
 RERANK_CACHE_PREFIX = "preflab:rerank:v1"
+RERANK_PAIR_SOURCE = "rerank"
+_sample_rng = random.Random()
 
 
 def rerank_order(scores: Sequence[float], reasons: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
@@ -305,4 +308,41 @@ def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model
         "best_index": results[0]["index"],
     }
     _cache_set(key, body)
+    rerank_sample_into_queue(project=project, prompt=prompt, candidates=candidates, results=results)
     return {**body, "cached": False}
+
+
+def rerank_sample_into_queue(*, project: Any, prompt: str | Messages, candidates: Sequence[str],
+                             results: Sequence[dict[str, Any]], rng: random.Random | None = None) -> Any:
+    """Turn a close call of the reward model into a pair for people to label; returns the new Pair or None.
+
+    With probability `project.rerank_sample_rate`, when the two best candidates both pass the constraints and
+    their scores are at most `project.rerank_sample_margin` apart, (prompt, best, runner-up) becomes a pair with
+    source "rerank": the cases where the model is least sure are the labels that teach it most. A pair the
+    project has already is skipped silently, and nothing here can fail the rerank that triggered it.
+    """
+    from django.db import IntegrityError
+
+    from labeling.errors import DomainError
+    from labeling.services import pair_create
+
+    rate = float(getattr(project, "rerank_sample_rate", 0.0) or 0.0)
+    if rate <= 0.0 or len(results) < 2:
+        return None
+    best, runner_up = results[0], results[1]
+    if not (best["passed"] and runner_up["passed"]):
+        return None
+    if best["score"] - runner_up["score"] > float(project.rerank_sample_margin):
+        return None
+    if (rng or _sample_rng).random() >= rate:
+        return None
+    best_text, runner_up_text = candidates[best["index"]], candidates[runner_up["index"]]
+    if best_text == runner_up_text:
+        return None
+    try:
+        return pair_create(project=project, prompt=prompt, response_a=best_text, response_b=runner_up_text,
+                           source=RERANK_PAIR_SOURCE)
+    except DomainError:  # the pair exists already (or cannot be a pair): nothing to add
+        return None
+    except IntegrityError:  # a concurrent request created the same pair first
+        return None

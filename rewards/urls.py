@@ -1,7 +1,7 @@
 """API routes of training runs, the reward-model registry, reranking and rerank keys, mounted under /api/v1/."""
 from django.urls import path
 
-from rewards import apis, apis_rerank
+from rewards import apis, apis_generate, apis_rerank
 
 app_name = "rewards_api"
 
@@ -14,6 +14,7 @@ urlpatterns = [
     path("reward-models/<int:reward_model_id>/deploy/", apis.RewardModelDeployApi.as_view(),
          name="reward-model-deploy"),
     path("rerank/", apis_rerank.RerankApi.as_view(), name="rerank"),
+    path("generate/", apis_generate.GenerateApi.as_view(), name="generate"),
     path("projects/<slug:slug>/api-keys/", apis_rerank.ApiKeyListCreateApi.as_view(), name="api-key-list"),
     path("projects/<slug:slug>/api-keys/<str:prefix>/", apis_rerank.ApiKeyRevokeApi.as_view(),
          name="api-key-revoke"),

@@ -189,6 +189,8 @@ PREFLAB = {
     "RERANK_MAX_REGEX_CHARS": env.int("PREFLAB_RERANK_MAX_REGEX_CHARS", default=500),
     "RERANK_CACHE_SECONDS": env.int("PREFLAB_RERANK_CACHE_SECONDS", default=3600),
     "RERANK_MODEL_CACHE_SIZE": env.int("PREFLAB_RERANK_MODEL_CACHE_SIZE", default=2),
+    # Policies kept loaded for /generate/ per process.
+    "GENERATE_MODEL_CACHE_SIZE": env.int("PREFLAB_GENERATE_MODEL_CACHE_SIZE", default=2),
     "RERANK_BATCH_WINDOW_MS": env.float("PREFLAB_RERANK_BATCH_WINDOW_MS", default=5.0),
     "RERANK_MAX_BATCH": env.int("PREFLAB_RERANK_MAX_BATCH", default=64),
     # Torch threads per process; 0 means one per core this process may use.

@@ -1,0 +1,70 @@
+"""HTTP API of generation: sample N candidates from a policy and rerank them with the deployed reward model."""
+from __future__ import annotations
+
+import time
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from labeling.models import ApiToken
+from labeling.permissions import ScopedTokenPermission
+from rewards.apis_rerank import ERRORS, RerankApi, RerankThrottle, _project_for_rerank
+from rewards.generation import DEFAULT_POLICY, MAX_CANDIDATES, MAX_NEW_TOKENS, generate
+
+
+class GenerateApi(APIView):
+    permission_classes = [IsAuthenticated, ScopedTokenPermission]
+    token_scopes = (ApiToken.Scope.RERANK,)
+    throttle_classes = [RerankThrottle]
+
+    class InputSerializer(serializers.Serializer):
+        project = serializers.SlugField()
+        prompt = serializers.JSONField(help_text="A string, or a list of chat messages with 'role' and 'content'.")
+        n = serializers.IntegerField(required=False, default=4, min_value=1, max_value=MAX_CANDIDATES)
+        temperature = serializers.FloatField(required=False, default=0.7, min_value=0.0,
+                                             help_text="0 decodes greedily.")
+        top_k = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0)
+        top_p = serializers.FloatField(required=False, allow_null=True, default=None, min_value=0.0, max_value=1.0)
+        max_new_tokens = serializers.IntegerField(required=False, default=128, min_value=1, max_value=MAX_NEW_TOKENS)
+        seed = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0,
+                                        max_value=2**63 - 1, help_text="Makes sampling reproducible.")
+        stop = serializers.ListField(child=serializers.CharField(trim_whitespace=False), required=False,
+                                     allow_null=True, default=None, max_length=8,
+                                     help_text="Each candidate is cut before the first of these strings.")
+        policy = serializers.JSONField(required=False, default=DEFAULT_POLICY,
+                                       help_text='"default" (embedded SmolLM2), or the id of a policy version.')
+        rerank = serializers.BooleanField(required=False, default=True)
+
+    class OutputSerializer(serializers.Serializer):
+        class PolicyOutput(serializers.Serializer):
+            id = serializers.IntegerField(allow_null=True)
+            version = serializers.IntegerField(allow_null=True)
+            kind = serializers.CharField()
+            base_model = serializers.CharField()
+
+        class CandidateOutput(serializers.Serializer):
+            index = serializers.IntegerField()
+            text = serializers.CharField()
+            score = serializers.FloatField(required=False)
+            rank = serializers.IntegerField(required=False)
+
+        policy = PolicyOutput()
+        reward_model = RerankApi.OutputSerializer.ModelOutput(required=False)
+        candidates = CandidateOutput(many=True)
+        best_index = serializers.IntegerField(required=False, allow_null=True)
+        timing_ms = serializers.FloatField()
+        tokens_generated = serializers.IntegerField()
+
+    @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
+    def post(self, request):
+        started = time.perf_counter()
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = dict(data.validated_data)
+        project = _project_for_rerank(slug=fields.pop("project"), request=request)
+        body = generate(project=project, **fields)
+        body["timing_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+        return Response(body)

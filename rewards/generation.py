@@ -1,0 +1,260 @@
+"""Sampling N candidates from a policy in one batched generate call, then best-of-N reranking them."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from rewards.training.data import Messages, prompt_messages
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POLICY = "default"
+MAX_CANDIDATES = 16
+MAX_NEW_TOKENS = 512
+MAX_STOP_STRINGS = 8
+
+# torch's global RNG drives sampling; generation runs one at a time per process so a seeded request is not
+# disturbed by another request drawing from the same generator halfway through.
+_generate_lock = threading.Lock()
+
+
+def _setting(name: str, default: Any) -> Any:
+    return settings.PREFLAB.get(name, default)
+
+
+@dataclass
+class LoadedPolicy:
+    key: str
+    path: str
+    model: Any
+    tokenizer: Any
+    device: str
+
+
+class PolicyPool:
+    """Loaded causal LMs keyed by "default" or "policy-<id>", least recently used evicted beyond the size."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: OrderedDict[str, LoadedPolicy] = OrderedDict()
+        self._pid = os.getpid()
+        self.loads = 0
+
+    def get(self, *, key: str, path: str) -> LoadedPolicy:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._models = OrderedDict()
+                self._pid = os.getpid()
+            loaded = self._models.get(key)
+            if loaded is not None and loaded.path == path:
+                self._models.move_to_end(key)
+                return loaded
+            # Loading under the pool lock keeps two first requests from loading the same model twice; loads are
+            # rare (the pool is warm) and generation itself is serialized anyway.
+            loaded = self._load(key=key, path=path)
+            self._models[key] = loaded
+            while len(self._models) > max(int(_setting("GENERATE_MODEL_CACHE_SIZE", 2)), 1):
+                old_key, _ = self._models.popitem(last=False)
+                logger.info("unloaded policy %s", old_key)
+            return loaded
+
+    def _load(self, *, key: str, path: str) -> LoadedPolicy:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from config.metrics import MODEL_LOAD_SECONDS
+        from rewards.serving import torch_threads_configure
+        from rewards.training.common import pick_device
+
+        folder = Path(path)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
+        torch_threads_configure()
+        started = time.perf_counter()
+        device = pick_device()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model.to(device).eval()
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        seconds = time.perf_counter() - started
+        MODEL_LOAD_SECONDS.labels(kind="policy").observe(seconds)
+        self.loads += 1
+        logger.info("loaded policy %s from %s in %.2f s", key, path, seconds)
+        return LoadedPolicy(key=key, path=str(folder), model=model, tokenizer=tokenizer, device=device)
+
+    def loaded_keys(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+pool = PolicyPool()
+
+
+def generation_policy_resolve(*, project: Any, policy: Any) -> tuple[str, str, dict[str, Any]]:
+    """(pool key, folder, description) of the policy a request names: "default" (the embedded SmolLM2) or the id
+    of a Policy version of the project."""
+    from labeling.errors import DomainError, NotFound, ServiceUnavailable
+    from rewards.embedded import smollm2_path
+    from rewards.models import Policy
+
+    if policy == DEFAULT_POLICY:
+        try:
+            path = smollm2_path()
+        except FileNotFoundError as exc:
+            raise ServiceUnavailable(f"The embedded policy is not available: {exc}", field="policy") from exc
+        return DEFAULT_POLICY, str(path), {"id": None, "version": None, "kind": "embedded",
+                                           "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    if isinstance(policy, bool) or not isinstance(policy, int):
+        raise DomainError('policy is "default" or the id of a policy version of the project.', field="policy")
+    found = Policy.objects.filter(pk=policy, project=project).first()
+    if found is None:
+        raise NotFound(f"Project '{project.slug}' has no policy version with id {policy}.", field="policy")
+    return f"policy-{found.pk}", found.artifact_path, {"id": found.pk, "version": found.version, "kind": found.kind,
+                                                       "base_model": found.base_model}
+
+
+def _validate(*, prompt: Any, n: Any, temperature: Any, top_k: Any, top_p: Any, max_new_tokens: Any, seed: Any,
+              stop: Any) -> Messages:
+    from labeling.errors import DomainError
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if isinstance(prompt, str) and not prompt.strip():
+        raise DomainError("The prompt is empty.", field="prompt")
+    try:
+        messages = prompt_messages(prompt)
+    except ValueError as exc:
+        raise DomainError(str(exc), field="prompt") from exc
+    if not whole(n) or not 1 <= n <= MAX_CANDIDATES:
+        raise DomainError(f"n must be a whole number from 1 to {MAX_CANDIDATES}.", field="n")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise DomainError("temperature must be a number of at least 0 (0 means greedy).", field="temperature")
+    if top_k is not None and (not whole(top_k) or top_k < 0):
+        raise DomainError("top_k must be a whole number of at least 0 (0 turns it off).", field="top_k")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise DomainError("top_p must be a number above 0 and at most 1.", field="top_p")
+    if not whole(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise DomainError(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}.",
+                          field="max_new_tokens")
+    if seed is not None and (not whole(seed) or not 0 <= seed < 2**63):
+        raise DomainError("seed must be a whole number from 0 to 2**63 - 1.", field="seed")
+    if stop is not None:
+        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS:
+            raise DomainError(f"stop must be a list of at most {MAX_STOP_STRINGS} strings.", field="stop")
+        for index, item in enumerate(stop):
+            if not isinstance(item, str) or not item:
+                raise DomainError(f"Stop string {index} must be a non-empty string.", field=f"stop[{index}]")
+    return messages
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """The text up to (not including) the earliest occurrence of any stop string."""
+    if not stop:
+        return text
+    cut = min((position for position in (text.find(s) for s in stop) if position >= 0), default=len(text))
+    return text[:cut]
+
+
+def _prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        # transformers 5 returns a BatchEncoding; older versions a plain list of ids.
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    text = "\n\n".join(m["content"] for m in messages)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def sample_candidates(loaded: LoadedPolicy, *, messages: Messages, n: int, temperature: float, top_k: int | None,
+                      top_p: float | None, max_new_tokens: int, seed: int | None,
+                      stop: list[str] | None) -> tuple[list[str], int]:
+    """N completions of the chat prompt from one batched generate call; returns (texts, tokens generated)."""
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    ids = _prompt_ids(tokenizer, messages)
+    # n copies of the prompt in one batch: every row samples on its own, and greedy decoding (which refuses
+    # num_return_sequences > 1) works the same way.
+    input_ids = torch.tensor([ids] * n, dtype=torch.long, device=loaded.device)
+    attention_mask = torch.ones_like(input_ids)
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+                               "eos_token_id": model.generation_config.eos_token_id or tokenizer.eos_token_id}
+    if temperature > 0:
+        options.update(do_sample=True, temperature=float(temperature), top_k=top_k if top_k is not None else 50,
+                       top_p=float(top_p) if top_p is not None else 1.0)
+    else:
+        options.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    with _generate_lock, torch.inference_mode():
+        if seed is not None:
+            torch.manual_seed(seed)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+    new_tokens = output[:, input_ids.shape[1]:].cpu().tolist()
+    eos = options["eos_token_id"]
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    texts, total = [], 0
+    for row in new_tokens:
+        length = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+        total += length
+        texts.append(cut_at_stop(tokenizer.decode(row[:length], skip_special_tokens=True), stop))
+    return texts, total
+
+
+def generate(*, project: Any, prompt: str | Messages, n: int = 4, temperature: float = 0.7, top_k: int | None = None,
+             top_p: float | None = None, max_new_tokens: int = 128, seed: int | None = None,
+             stop: list[str] | None = None, policy: str | int = DEFAULT_POLICY, rerank: bool = True) -> dict[str, Any]:
+    """Sample `n` candidates from a policy and, with `rerank`, rank them with the project's deployed reward model
+    through the same path as /rerank/ (cache, constraints order, sampling into the labeling queue).
+
+    Returns {"policy", "candidates": [{"index", "text", "score"?, "rank"?}], "best_index"?, "tokens_generated"}.
+    Empty candidates (the model stopped at once, or a stop string came first) are returned unscored and last.
+    """
+    from labeling.errors import Conflict, ServiceUnavailable
+    from rewards.models import RewardModel
+    from rewards.scoring import rerank as rerank_candidates
+
+    messages = _validate(prompt=prompt, n=n, temperature=temperature, top_k=top_k, top_p=top_p,
+                         max_new_tokens=max_new_tokens, seed=seed, stop=stop)
+    if rerank and not RewardModel.objects.filter(project=project, is_deployed=True).exists():
+        raise Conflict(f"Project '{project.slug}' has no deployed reward model to rerank with; deploy one or send "
+                       "rerank: false.", field="rerank", code="no_deployed_model")
+    key, path, description = generation_policy_resolve(project=project, policy=policy)
+    try:
+        loaded = pool.get(key=key, path=path)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        logger.exception("policy %s could not be loaded", key)
+        raise ServiceUnavailable(f"The policy could not be loaded: {exc}", field="policy") from exc
+    texts, tokens = sample_candidates(loaded, messages=messages, n=n, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, stop=stop)
+    body: dict[str, Any] = {"policy": description, "tokens_generated": tokens}
+    if not rerank:
+        body["candidates"] = [{"index": index, "text": text} for index, text in enumerate(texts)]
+        return body
+
+    scorable = [index for index, text in enumerate(texts) if text]
+    candidates = [{"index": index, "text": text} for index, text in enumerate(texts)]
+    if not scorable:
+        body.update(candidates=candidates, best_index=None)
+        return body
+    ranked = rerank_candidates(project=project, prompt=prompt, candidates=[texts[i] for i in scorable])
+    ordered = []
+    for row in ranked["results"]:
+        candidate = candidates[scorable[row["index"]]]
+        candidate.update(score=row["score"], rank=row["rank"])
+        ordered.append(candidate)
+    ordered += [candidate for candidate in candidates if "rank" not in candidate]
+    body.update(candidates=ordered, best_index=scorable[ranked["best_index"]], reward_model=ranked["model"])
+    return body
