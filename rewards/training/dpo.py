@@ -157,6 +157,23 @@ def trainer_precision(device: str) -> dict[str, Any]:
     return {"bf16": torch.cuda.is_bf16_supported(), "fp16": False}
 
 
+def trainer_arguments(hp: dict[str, Any], *, output_dir: Path, device: str,
+                      recipe_keys: frozenset[str] = RECIPE_KEYS) -> dict[str, Any]:
+    """Config arguments shared by the online and offline policy trainers: the TRL fields of `hp` (all but the
+    recipe's own `recipe_keys`) plus what the recipe fixes itself (scratch folder, no reporting, no
+    checkpoints, precision)."""
+    return {
+        "output_dir": str(output_dir / "trainer"),
+        "report_to": [],
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        **trainer_precision(device),
+        **{name: value for name, value in hp.items() if name not in recipe_keys},
+    }
+
+
 def load_policy(base_model: str, device: str) -> tuple[Any, Any]:
     """The causal LM (float32) and its tokenizer, padded on the left as batched generation and TRL need."""
     import torch
@@ -429,17 +446,7 @@ def train_dpo(
     # The base answers come from the untouched weights, before the trainer wraps or updates them.
     base_answers = generate_greedy(model, tokenizer, judge_prompts, max_new_tokens=hp["max_new_tokens"])
 
-    trl_args = {name: value for name, value in hp.items() if name not in RECIPE_KEYS}
-    args = DPOConfig(
-        output_dir=str(output_dir / "trainer"),
-        report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **trainer_precision(device),
-        **trl_args,
-    )
+    args = DPOConfig(**trainer_arguments(hp, output_dir=output_dir, device=device))
     trainer = DPOTrainer(
         model=model,
         args=args,

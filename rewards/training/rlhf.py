@@ -20,7 +20,7 @@ from rewards.training.dpo import (
     plain_metrics,
     save_policy,
     score_responses,
-    trainer_precision,
+    trainer_arguments,
 )
 
 # GRPO rather than RLOO: both take a plain Python reward function in TRL 1.16 and run on a CPU, and GRPO is the
@@ -213,17 +213,7 @@ def train_rlhf(
     base_generated = generate_greedy_ids(model, tokenizer, heldout, max_new_tokens=max_new)
     base_answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for _, ids in base_generated]
 
-    trl_args = {name: value for name, value in hp.items() if name not in RECIPE_KEYS}
-    args = GRPOConfig(
-        output_dir=str(output_dir / "trainer"),
-        report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **trainer_precision(device),
-        **trl_args,
-    )
+    args = GRPOConfig(**trainer_arguments(hp, output_dir=output_dir, device=device, recipe_keys=RECIPE_KEYS))
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[reward_function(scorer, batch_size=hp["reward_batch_size"])],
