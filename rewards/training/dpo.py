@@ -108,10 +108,8 @@ def check_hyperparameters(hp: Any, *, defaults: dict[str, Any], rules: dict[str,
     return {name: rules[name].check(name, value) for name, value in merged.items()}
 
 
-DPO_RULES: dict[str, Rule] = {
-    "beta": Rule("float", low=0, low_open=True),
-    "loss_type": Rule("choice", choices=DPO_LOSS_TYPES),
-    "label_smoothing": Rule("float", low=0, high=0.5),
+# Rules of the trainer fields every policy recipe accepts; each recipe adds its own.
+POLICY_TRAINING_RULES: dict[str, Rule] = {
     "learning_rate": Rule("float", low=0, low_open=True, high=1.0),
     "lr_scheduler_type": Rule("choice", choices=LR_SCHEDULERS),
     "warmup_steps": Rule("float", low=0),
@@ -120,16 +118,23 @@ DPO_RULES: dict[str, Rule] = {
     "num_train_epochs": Rule("float", low=0, low_open=True, high=100),
     "max_steps": Rule("int", low=-1),
     "per_device_train_batch_size": Rule("int", low=1, high=256),
-    "per_device_eval_batch_size": Rule("int", low=1, high=256),
     "gradient_accumulation_steps": Rule("int", low=1, high=1024),
-    "max_length": Rule("int", low=16, high=32768),
     "gradient_checkpointing": Rule("bool"),
-    "precompute_ref_log_probs": Rule("bool"),
     "logging_steps": Rule("int", low=1),
     "seed": Rule("int", low=0, high=2**32 - 1),
     "lora_r": Rule("int", low=0, high=1024),
     "lora_alpha": Rule("float", low=0, low_open=True),
     "lora_dropout": Rule("float", low=0, high=0.9),
+}
+
+DPO_RULES: dict[str, Rule] = {
+    **POLICY_TRAINING_RULES,
+    "beta": Rule("float", low=0, low_open=True),
+    "loss_type": Rule("choice", choices=DPO_LOSS_TYPES),
+    "label_smoothing": Rule("float", low=0, high=0.5),
+    "per_device_eval_batch_size": Rule("int", low=1, high=256),
+    "max_length": Rule("int", low=16, high=32768),
+    "precompute_ref_log_probs": Rule("bool"),
     "win_rate_prompts": Rule("int", low=0, high=1000),
     "max_new_tokens": Rule("int", low=1, high=2048),
 }

@@ -10,7 +10,7 @@ from typing import Any
 from rewards.training.common import HyperparameterError, TrainingResult, pick_device
 from rewards.training.data import prompt_messages
 from rewards.training.dpo import (
-    LR_SCHEDULERS,
+    POLICY_TRAINING_RULES,
     Prompt,
     Rule,
     check_hyperparameters,
@@ -62,6 +62,7 @@ RECIPE_KEYS = frozenset({"lora_r", "lora_alpha", "lora_dropout", "heldout_prompt
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
 
 RLHF_RULES: dict[str, Rule] = {
+    **POLICY_TRAINING_RULES,
     "beta": Rule("float", low=0),
     "loss_type": Rule("choice", choices=GRPO_LOSS_TYPES),
     "scale_rewards": Rule("choice", choices=("group", "batch", "none")),
@@ -72,21 +73,6 @@ RLHF_RULES: dict[str, Rule] = {
     "temperature": Rule("float", low=0, low_open=True, high=10.0),
     "top_p": Rule("float", low=0, low_open=True, high=1.0),
     "mask_truncated_completions": Rule("bool"),
-    "learning_rate": Rule("float", low=0, low_open=True, high=1.0),
-    "lr_scheduler_type": Rule("choice", choices=LR_SCHEDULERS),
-    "warmup_steps": Rule("float", low=0),
-    "weight_decay": Rule("float", low=0, high=1.0),
-    "max_grad_norm": Rule("float", low=0, low_open=True),
-    "num_train_epochs": Rule("float", low=0, low_open=True, high=100),
-    "max_steps": Rule("int", low=-1),
-    "per_device_train_batch_size": Rule("int", low=1, high=256),
-    "gradient_accumulation_steps": Rule("int", low=1, high=1024),
-    "gradient_checkpointing": Rule("bool"),
-    "logging_steps": Rule("int", low=1),
-    "seed": Rule("int", low=0, high=2**32 - 1),
-    "lora_r": Rule("int", low=0, high=1024),
-    "lora_alpha": Rule("float", low=0, low_open=True),
-    "lora_dropout": Rule("float", low=0, high=0.9),
     "heldout_prompts": Rule("int", low=0, high=1000),
     "reward_batch_size": Rule("int", low=1, high=1024),
 }
