@@ -12,7 +12,7 @@ from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from labeling.errors import Forbidden, NotFound
-from labeling.models import Comparison, Membership, Pair, Project
+from labeling.models import ApiToken, Comparison, Membership, Pair, Project
 
 
 def project_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Project]:
@@ -40,6 +40,23 @@ def project_get_for_user(*, slug: str, user: AbstractBaseUser, manage: bool = Fa
     if manage and role not in ("admin", Membership.Role.MANAGER):
         raise Forbidden("Only the project's managers can do this.", field="project")
     return project
+
+
+# --- scoped API keys ------------------------------------------------------------------------------------
+
+
+def api_key_list(*, project: Project) -> QuerySet[ApiToken]:
+    """The project's scoped keys (rerank keys), newest first, revoked ones included; user tokens are personal
+    and never listed here."""
+    return (ApiToken.objects.select_related("user").filter(project=project).exclude(scope=ApiToken.Scope.USER)
+            .order_by("-created_at", "-id"))
+
+
+def api_key_get(*, project: Project, prefix: str) -> ApiToken:
+    token = api_key_list(project=project).filter(prefix=prefix).first()
+    if token is None:
+        raise NotFound(f"Project '{project.slug}' has no API key starting with '{prefix}'.", field="prefix")
+    return token
 
 
 # --- aggregation: the one definition of "which response won" ------------------------------------------

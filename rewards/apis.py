@@ -1,7 +1,7 @@
 """HTTP API of training runs and the reward-model registry: one view per operation."""
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
@@ -20,14 +20,14 @@ class TrainingRunOutput(serializers.ModelSerializer):
     created_by = serializers.CharField(source="created_by.username", allow_null=True, default=None)
     progress = serializers.SerializerMethodField()
     dataset = serializers.SerializerMethodField()
-    reward_model = serializers.PrimaryKeyRelatedField(read_only=True)
+    reward_model = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
 
     class Meta:
         model = TrainingRun
         fields = ["id", "project", "kind", "base_model", "hyperparameters", "status", "progress", "dataset",
                   "metrics_history", "eval_metrics", "log_tail", "error", "artifact_path", "reward_model",
-                  "cancel_requested", "worker_hostname", "created_by", "created_at", "started_at", "finished_at",
-                  "heartbeat_at"]
+                  "cancel_requested", "worker_hostname", "attempts", "created_by", "created_at", "started_at",
+                  "finished_at", "heartbeat_at"]
 
     def get_progress(self, run: TrainingRun) -> dict:
         return {"step": run.step, "total_steps": run.total_steps, "epoch": run.epoch, "eta_seconds": run.eta_seconds}
@@ -40,7 +40,7 @@ class TrainingRunOutput(serializers.ModelSerializer):
 
 class RewardModelOutput(serializers.ModelSerializer):
     project = serializers.SlugRelatedField(slug_field="slug", read_only=True)
-    training_run = serializers.PrimaryKeyRelatedField(read_only=True)
+    training_run = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
 
     class Meta:
         model = RewardModel
@@ -70,14 +70,24 @@ class TrainingRunStartApi(APIView):
 
 
 class TrainingRunListApi(APIView):
-    @extend_schema(parameters=[OpenApiParameter("project", str), OpenApiParameter("status", str),
-                               OpenApiParameter("kind", str)],
-                   responses={200: TrainingRunOutput(many=True), **ERRORS})
+    # Named on the view so that the schema documents the page envelope and its limit/offset parameters.
+    pagination_class = LimitOffsetPagination
+
+    # Not "InputSerializer": TrainingRunCollectionApi inherits this view and the start view's InputSerializer.
+    class FilterSerializer(serializers.Serializer):
+        project = serializers.SlugField(required=False)
+        status = serializers.ChoiceField(choices=TrainingRun.Status.choices, required=False)
+        kind = serializers.ChoiceField(choices=TrainingRun.Kind.choices, required=False)
+
+    @extend_schema(parameters=[FilterSerializer], responses={200: TrainingRunOutput(many=True), **ERRORS})
     def get(self, request):
-        runs = selectors.training_run_list_for_user(user=request.user, project_slug=request.query_params.get("project"),
-                                                    status=request.query_params.get("status"),
-                                                    kind=request.query_params.get("kind"))
-        paginator = LimitOffsetPagination()
+        filters = self.FilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        runs = selectors.training_run_list_for_user(user=request.user,
+                                                    project_slug=filters.validated_data.get("project"),
+                                                    status=filters.validated_data.get("status"),
+                                                    kind=filters.validated_data.get("kind"))
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(runs, request, view=self)
         return paginator.get_paginated_response(TrainingRunOutput(page, many=True).data)
 
@@ -98,13 +108,14 @@ class TrainingRunCancelApi(APIView):
 
 
 class RewardModelListApi(APIView):
-    @extend_schema(parameters=[OpenApiParameter("project", str, required=True)],
-                   responses={200: RewardModelOutput(many=True), **ERRORS})
+    class InputSerializer(serializers.Serializer):
+        project = serializers.SlugField()
+
+    @extend_schema(parameters=[InputSerializer], responses={200: RewardModelOutput(many=True), **ERRORS})
     def get(self, request):
-        slug = request.query_params.get("project")
-        if not slug:
-            raise serializers.ValidationError({"project": ["This query parameter is required."]})
-        project = project_get_for_user(slug=slug, user=request.user)
+        params = self.InputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        project = project_get_for_user(slug=params.validated_data["project"], user=request.user)
         return Response(RewardModelOutput(selectors.reward_model_list(project=project), many=True).data)
 
 

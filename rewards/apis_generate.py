@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 from labeling.models import ApiToken
 from labeling.permissions import ScopedTokenPermission
 from rewards.apis_rerank import ERRORS, RerankApi, RerankThrottle, _project_for_rerank
-from rewards.generation import DEFAULT_POLICY, MAX_CANDIDATES, MAX_NEW_TOKENS, generate
+from rewards.generation import DEFAULT_POLICY, MAX_CANDIDATES, MAX_NEW_TOKENS, MIN_TEMPERATURE, generate
 
 
 class GenerateApi(APIView):
@@ -25,7 +25,7 @@ class GenerateApi(APIView):
         prompt = serializers.JSONField(help_text="A string, or a list of chat messages with 'role' and 'content'.")
         n = serializers.IntegerField(required=False, default=4, min_value=1, max_value=MAX_CANDIDATES)
         temperature = serializers.FloatField(required=False, default=0.7, min_value=0.0,
-                                             help_text="0 decodes greedily.")
+                                             help_text=f"0 decodes greedily; otherwise at least {MIN_TEMPERATURE}.")
         top_k = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0)
         top_p = serializers.FloatField(required=False, allow_null=True, default=None, min_value=0.0, max_value=1.0)
         max_new_tokens = serializers.IntegerField(required=False, default=128, min_value=1, max_value=MAX_NEW_TOKENS)

@@ -14,11 +14,12 @@ from rest_framework.views import APIView
 
 from labeling import services as labeling_services
 from labeling.apis import ErrorSerializer
-from labeling.errors import Forbidden, NotFound
+from labeling.errors import Forbidden
 from labeling.models import ApiToken, Project
 from labeling.permissions import ScopedTokenPermission, request_token
-from labeling.selectors import project_get_for_user
+from labeling.selectors import api_key_get, api_key_list, project_get_for_user
 from rewards.scoring import rerank
+from rewards.services import rerank_usage_record
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ def _project_for_rerank(*, slug: str, request) -> Project:
     return project_get_for_user(slug=slug, user=request.user)
 
 
+class _StrictCharField(serializers.CharField):
+    """A JSON string and nothing else: DRF's CharField turns 3 into "3", which would rank a number as a reply."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class RerankApi(APIView):
     permission_classes = [IsAuthenticated, ScopedTokenPermission]
     token_scopes = (ApiToken.Scope.RERANK,)
@@ -67,7 +77,7 @@ class RerankApi(APIView):
     class InputSerializer(serializers.Serializer):
         project = serializers.SlugField()
         prompt = serializers.JSONField(help_text="A string, or a list of chat messages with 'role' and 'content'.")
-        candidates = serializers.ListField(child=serializers.CharField(allow_blank=True, trim_whitespace=False),
+        candidates = serializers.ListField(child=_StrictCharField(allow_blank=True, trim_whitespace=False),
                                            help_text="The responses to rank (1 to RERANK_MAX_CANDIDATES).")
         model = serializers.JSONField(required=False, default="deployed",
                                       help_text='"deployed", or the id of a reward model version of the project.')
@@ -97,13 +107,25 @@ class RerankApi(APIView):
     @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
     def post(self, request):
         started = time.perf_counter()
-        data = self.InputSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        fields = data.validated_data
-        project = _project_for_rerank(slug=fields["project"], request=request)
-        body = rerank(project=project, prompt=fields["prompt"], candidates=fields["candidates"],
-                      model=fields["model"], top_k=fields["top_k"], constraints=fields["constraints"])
+        project = None
+        try:
+            data = self.InputSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            fields = data.validated_data
+            project = _project_for_rerank(slug=fields["project"], request=request)
+            body = rerank(project=project, prompt=fields["prompt"], candidates=fields["candidates"],
+                          model=fields["model"], top_k=fields["top_k"], constraints=fields["constraints"])
+        except Exception:
+            # An error is counted against the project once it is known, or against the key's own project.
+            token = request_token(request)
+            project = project or (token.project if token is not None and token.scope != ApiToken.Scope.USER
+                                  else None)
+            if project is not None:
+                rerank_usage_record(project=project, latency_ms=(time.perf_counter() - started) * 1000.0,
+                                    error=True)
+            raise
         body["timing_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+        rerank_usage_record(project=project, latency_ms=body["timing_ms"], cached=body["cached"])
         return Response(body)
 
 
@@ -135,9 +157,7 @@ class ApiKeyListCreateApi(APIView):
     @extend_schema(responses={200: ApiKeyOutput(many=True), **ERRORS})
     def get(self, request, slug: str):
         project = project_get_for_user(slug=slug, user=request.user, manage=True)
-        keys = (ApiToken.objects.select_related("user").filter(project=project).exclude(scope=ApiToken.Scope.USER)
-                .order_by("-created_at", "-id"))
-        return Response(ApiKeyOutput(keys, many=True).data)
+        return Response(ApiKeyOutput(api_key_list(project=project), many=True).data)
 
     @extend_schema(request=InputSerializer, responses={201: CreatedOutput, **ERRORS})
     def post(self, request, slug: str):
@@ -152,9 +172,5 @@ class ApiKeyRevokeApi(APIView):
     @extend_schema(responses={200: ApiKeyOutput, **ERRORS})
     def delete(self, request, slug: str, prefix: str):
         project = project_get_for_user(slug=slug, user=request.user, manage=True)
-        token = (ApiToken.objects.select_related("user").filter(project=project, prefix=prefix)
-                 .exclude(scope=ApiToken.Scope.USER).first())
-        if token is None:
-            raise NotFound(f"Project '{slug}' has no API key starting with '{prefix}'.", field="prefix")
-        token = labeling_services.api_token_revoke(token=token)
+        token = labeling_services.api_token_revoke(token=api_key_get(project=project, prefix=prefix))
         return Response(ApiKeyOutput(token).data)

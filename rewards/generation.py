@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_POLICY = "default"
 MAX_CANDIDATES = 16
 MAX_NEW_TOKENS = 512
+# Below this (but above 0, greedy) the logits divided by the temperature overflow to inf and sampling fails.
+MIN_TEMPERATURE = 0.01
 MAX_STOP_STRINGS = 8
 
 # torch's global RNG drives sampling; generation runs one at a time per process so a seeded request is not
@@ -129,6 +131,7 @@ def generation_policy_resolve(*, project: Any, policy: Any) -> tuple[str, str, d
 def _validate(*, prompt: Any, n: Any, temperature: Any, top_k: Any, top_p: Any, max_new_tokens: Any, seed: Any,
               stop: Any) -> Messages:
     from labeling.errors import DomainError
+    from rewards.scoring import prompt_text_check
 
     def whole(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -139,10 +142,14 @@ def _validate(*, prompt: Any, n: Any, temperature: Any, top_k: Any, top_p: Any, 
         messages = prompt_messages(prompt)
     except ValueError as exc:
         raise DomainError(str(exc), field="prompt") from exc
+    # Before any model work: the tokenizer cannot encode a lone surrogate, and the prompt may be stored.
+    prompt_text_check(prompt)
     if not whole(n) or not 1 <= n <= MAX_CANDIDATES:
         raise DomainError(f"n must be a whole number from 1 to {MAX_CANDIDATES}.", field="n")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise DomainError("temperature must be a number of at least 0 (0 means greedy).", field="temperature")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise DomainError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}.", field="temperature")
     if top_k is not None and (not whole(top_k) or top_k < 0):
         raise DomainError("top_k must be a whole number of at least 0 (0 turns it off).", field="top_k")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))

@@ -1,9 +1,12 @@
-"""Tables of training runs and the model registry."""
+"""Tables of training runs, the model registry and per-project rerank traffic."""
 from __future__ import annotations
+
+from functools import reduce
+from operator import add
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 
 from labeling.models import Project
 
@@ -65,6 +68,14 @@ class TrainingRun(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     worker_hostname = models.CharField(max_length=255, blank=True)
+    # Which process trains the run now, so a worker on the same machine can tell at once that it died: the
+    # host name with the PID namespace (two containers may share a host name, never a namespace) and the pid.
+    worker_host = models.CharField(max_length=255, blank=True)
+    worker_pid = models.PositiveIntegerField(null=True, blank=True)
+    # How many times a worker has started the run; a run whose worker was lost is queued again (resumed from
+    # its last checkpoint) until PREFLAB["TRAINING_MAX_ATTEMPTS"]. Progress writes carry it, so a process
+    # that lost the run to a later attempt cannot overwrite it.
+    attempts = models.PositiveIntegerField(default=0)
     cancel_requested = models.BooleanField(default=False)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
                                    related_name="training_runs")
@@ -188,3 +199,61 @@ class RewardModelDeployment(models.Model):
 
     def __str__(self) -> str:
         return f"deployment of {self.reward_model_id} in {self.project_id}"
+
+
+# Upper bounds in milliseconds of the rerank latency buckets, log-spaced (1-2-5 per decade); one more bucket
+# holds everything slower than the last bound.
+RERANK_LATENCY_BOUNDS_MS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000,
+                                             50000)
+RERANK_LATENCY_FIELDS: tuple[str, ...] = (*(f"latency_le_{bound}ms" for bound in RERANK_LATENCY_BOUNDS_MS),
+                                          f"latency_gt_{RERANK_LATENCY_BOUNDS_MS[-1]}ms")
+
+
+class RerankMinute(models.Model):
+    """Rerank traffic of one project in one UTC minute, kept per project because the Prometheus counters are per
+    process and not per project.
+
+    One row per project and minute, incremented in place by one upsert per request. `errors` counts requests
+    answered with an error; the others were answered, and of those `cache_hits` came from the cache. The
+    latency columns count the answered requests per bucket (not cumulatively): `latency_le_100ms` holds those
+    that took more than 50 ms and at most 100 ms."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="rerank_minutes")
+    minute = models.DateTimeField(help_text="The start of the minute, UTC.")
+    requests = models.PositiveIntegerField(default=0)
+    cache_hits = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0.0, help_text="Of the answered requests.")
+    latency_le_1ms = models.PositiveIntegerField(default=0)
+    latency_le_2ms = models.PositiveIntegerField(default=0)
+    latency_le_5ms = models.PositiveIntegerField(default=0)
+    latency_le_10ms = models.PositiveIntegerField(default=0)
+    latency_le_20ms = models.PositiveIntegerField(default=0)
+    latency_le_50ms = models.PositiveIntegerField(default=0)
+    latency_le_100ms = models.PositiveIntegerField(default=0)
+    latency_le_200ms = models.PositiveIntegerField(default=0)
+    latency_le_500ms = models.PositiveIntegerField(default=0)
+    latency_le_1000ms = models.PositiveIntegerField(default=0)
+    latency_le_2000ms = models.PositiveIntegerField(default=0)
+    latency_le_5000ms = models.PositiveIntegerField(default=0)
+    latency_le_10000ms = models.PositiveIntegerField(default=0)
+    latency_le_20000ms = models.PositiveIntegerField(default=0)
+    latency_le_50000ms = models.PositiveIntegerField(default=0)
+    latency_gt_50000ms = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["project", "minute"]
+        constraints = [
+            # Also the conflict target of the upsert, and the index the dashboard reads a window through.
+            models.UniqueConstraint(fields=["project", "minute"], name="rerank_minute_unique"),
+            models.CheckConstraint(condition=Q(errors__lte=F("requests")), name="rerank_minute_errors_le_requests"),
+            models.CheckConstraint(condition=Q(cache_hits__lte=F("requests") - F("errors")),
+                                   name="rerank_minute_hits_le_answered"),
+            models.CheckConstraint(
+                condition=Q(requests=reduce(add, (F(name) for name in RERANK_LATENCY_FIELDS)) + F("errors")),
+                name="rerank_minute_buckets_count_answered",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"rerank traffic of {self.project_id} at {self.minute:%Y-%m-%d %H:%M}"

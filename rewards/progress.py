@@ -1,18 +1,25 @@
-"""Trainer callbacks that report a training run's progress to its row and honour cancel requests."""
+"""Trainer callbacks that report a training run's progress to its row and honour cancel requests, and the
+heartbeat that tells the sweeps a run's process is alive."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from django.db import DatabaseError, connections
 from django.utils import timezone
 from transformers import TrainerCallback
 
 from rewards.models import TrainingRun
 
 LOG_TAIL_LINES = 50
+
+logger = logging.getLogger(__name__)
 
 
 def _plain(value: Any) -> Any:
@@ -32,25 +39,38 @@ class RunProgressCallback(TrainerCallback):
     log), appends each log to the metrics history, and stops training when the run's cancel flag is set.
 
     The row is written with queryset updates of only these columns, so a concurrent cancel request is never
-    overwritten, and the flag is read back from the database each time.
+    overwritten, and the flag is read back from the database each time. With `attempt`, writes only land while
+    the run is running as that attempt: a process whose run was given up as lost and queued again (or failed)
+    stops training instead of overwriting the attempt that took over. `history` and `log_lines` carry on
+    from an earlier attempt.
     """
 
-    def __init__(self, *, run_id: int, interval: float = 2.0) -> None:
+    def __init__(self, *, run_id: int, interval: float = 2.0, attempt: int | None = None,
+                 history: list[dict[str, Any]] | None = None, log_lines: list[str] | None = None) -> None:
         self.run_id = run_id
         self.interval = interval
+        self.attempt = attempt
         self.cancelled = False
-        self.history: list[dict[str, Any]] = []
-        self.log_lines: list[str] = []
+        self.lost = False
+        self.history: list[dict[str, Any]] = list(history or [])
+        self.log_lines: list[str] = list(log_lines or [])[-LOG_TAIL_LINES:]
         self._last_write = 0.0
         self._started = time.monotonic()
+        self._start_step = 0
+
+    def mark_lost(self) -> None:
+        """The run is no longer this process's (see RunHeartbeat); training stops at the next step."""
+        self.lost = True
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._started = time.monotonic()
+        # A resumed run starts at its checkpoint's step; the ETA counts only the steps trained here.
+        self._start_step = state.global_step or 0
         self._write(state, force=True)
         return self._check_cancel(control)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._write(state):
+        if self._write(state) or self.lost:
             return self._check_cancel(control)
         return control
 
@@ -69,11 +89,12 @@ class RunProgressCallback(TrainerCallback):
         return control
 
     def _eta(self, state) -> int | None:
-        if not state.global_step or not state.max_steps:
+        done = (state.global_step or 0) - self._start_step
+        if done <= 0 or not state.max_steps:
             return None
         elapsed = time.monotonic() - self._started
         remaining = max(state.max_steps - state.global_step, 0)
-        return int(elapsed / state.global_step * remaining)
+        return int(elapsed / done * remaining)
 
     def _write(self, state, *, force: bool = False) -> bool:
         now = time.monotonic()
@@ -87,14 +108,64 @@ class RunProgressCallback(TrainerCallback):
         if self.history:
             fields["metrics_history"] = self.history
             fields["log_tail"] = "\n".join(self.log_lines)
-        TrainingRun.objects.filter(pk=self.run_id).update(**fields)
+        if not _owned(self.run_id, self.attempt).update(**fields):
+            self.lost = self.attempt is not None
         return True
 
     def _check_cancel(self, control):
-        if TrainingRun.objects.filter(pk=self.run_id, cancel_requested=True).exists():
+        if self.lost:
+            control.should_training_stop = True
+        elif TrainingRun.objects.filter(pk=self.run_id, cancel_requested=True).exists():
             self.cancelled = True
             control.should_training_stop = True
         return control
+
+
+def _owned(run_id: int, attempt: int | None):
+    """The run's row while it is running as `attempt` (any row with the id when attempt is None)."""
+    if attempt is None:
+        return TrainingRun.objects.filter(pk=run_id)
+    return TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING, attempts=attempt)
+
+
+class RunHeartbeat(threading.Thread):
+    """Writes the run's heartbeat every `interval` seconds from a thread of its own, so the heartbeat keeps
+    coming during steps, evaluation, generation and saving that take longer than the sweeps' threshold.
+
+    Writes only land while the run is running as `attempt`; when one finds the run gone to a later attempt
+    (or failed), `on_lost` is called and the thread ends. A database error skips one beat: the sweeps allow
+    several missed beats before they count a run as lost.
+    """
+
+    def __init__(self, *, run_id: int, attempt: int, interval: float, on_lost: Callable[[], None]) -> None:
+        super().__init__(name=f"training-run-{run_id}-heartbeat", daemon=True)
+        self.run_id = run_id
+        self.attempt = attempt
+        self.interval = interval
+        self.on_lost = on_lost
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stopped.wait(self.interval):
+                try:
+                    alive = _owned(self.run_id, self.attempt).update(heartbeat_at=timezone.now())
+                except DatabaseError as exc:
+                    logger.warning("training run %s: heartbeat not written: %s", self.run_id, exc)
+                    continue
+                if not alive:
+                    logger.warning("training run %s is no longer running as attempt %s here; stopping",
+                                   self.run_id, self.attempt)
+                    self.on_lost()
+                    return
+        finally:
+            # The thread's own database connection, which would otherwise stay open until the process exits.
+            connections.close_all()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopped.set()
+        if self.is_alive():
+            self.join(timeout)
 
 
 class TqdmProgressCallback(TrainerCallback):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -184,6 +185,34 @@ def _rerank_setting(name: str, default: Any) -> Any:
     return settings.PREFLAB.get(name, default)
 
 
+# The prompt may be stored as a labeling pair (PostgreSQL text holds no NUL), and every text is hashed and
+# tokenized as UTF-8, which has no encoding for a lone surrogate (a JSON "\ud800" escape).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unstorable_path(value: Any, path: str, pattern: re.Pattern[str]) -> str | None:
+    """The path of the first string in a JSON value that `pattern` finds a character in, or None."""
+    if isinstance(value, str):
+        return path if pattern.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = (_unstorable_path(key, path, pattern)
+                 or _unstorable_path(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}", pattern))
+        if found:
+            return found
+    return None
+
+
+def prompt_text_check(prompt: Any) -> None:
+    """A 400 naming the first string of a request's prompt that holds a NUL character or a lone surrogate."""
+    from labeling.errors import DomainError
+
+    where = _unstorable_path(prompt, "prompt", _UNSTORABLE)
+    if where:
+        raise DomainError(f"{where} contains a NUL character or an unpaired surrogate.", field=where)
+
+
 def _rerank_validate(*, prompt: Any, candidates: Any, top_k: int | None) -> None:
     from labeling.errors import DomainError
     from rewards.training.data import prompt_messages
@@ -196,6 +225,7 @@ def _rerank_validate(*, prompt: Any, candidates: Any, top_k: int | None) -> None
             prompt_messages(prompt)
         except ValueError as exc:
             raise DomainError(str(exc), field="prompt") from exc
+    prompt_text_check(prompt)
     limit = int(_rerank_setting("RERANK_MAX_CANDIDATES", 64))
     if not isinstance(candidates, list) or not candidates:
         raise DomainError("candidates must be a non-empty list of strings.", field="candidates")
@@ -207,25 +237,29 @@ def _rerank_validate(*, prompt: Any, candidates: Any, top_k: int | None) -> None
             raise DomainError(f"Candidate {index} is not a string.", field=f"candidates[{index}]")
         if not candidate:
             raise DomainError(f"Candidate {index} is empty.", field=f"candidates[{index}]")
+        if _SURROGATE.search(candidate):
+            raise DomainError(f"Candidate {index} contains an unpaired surrogate.", field=f"candidates[{index}]")
     prompt_chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
     total = prompt_chars + sum(len(candidate) for candidate in candidates)
     max_chars = int(_rerank_setting("RERANK_MAX_CHARS", 200_000))
     if total > max_chars:
         raise DomainError(f"The prompt and candidates hold {total} characters; at most {max_chars} are allowed.",
-                          field="candidates")
+                          field="prompt" if prompt_chars > max_chars else "candidates")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise DomainError("top_k must be a whole number of at least 1.", field="top_k")
 
 
 def rerank_model_resolve(*, project: Any, model: str | int = "deployed") -> Any:
-    """The RewardModel a request names: the project's deployed one (read on every request, so a new deployment
-    is served at once) or a version id of the project's registry."""
+    """The RewardModel a request names: the project's deployed one (kept per process for a second, see
+    rewards.serving.DeploymentCache) or a version id of the project's registry."""
     from labeling.errors import Conflict, DomainError, NotFound
     from rewards.models import RewardModel
+    from rewards.serving import deployments
 
     fields = ("id", "project_id", "version", "base_model", "artifact_path")
     if model == "deployed":
-        found = RewardModel.objects.filter(project=project, is_deployed=True).only(*fields).first()
+        found = deployments.get(project_id=project.pk, load=lambda: RewardModel.objects.filter(
+            project=project, is_deployed=True).only(*fields).first())
         if found is None:
             raise Conflict(f"Project '{project.slug}' has no deployed reward model; deploy a version first.",
                            field="model", code="no_deployed_model")
@@ -321,7 +355,7 @@ def rerank_sample_into_queue(*, project: Any, prompt: str | Messages, candidates
     source "rerank": the cases where the model is least sure are the labels that teach it most. A pair the
     project has already is skipped silently, and nothing here can fail the rerank that triggered it.
     """
-    from django.db import IntegrityError
+    from django.db import DataError, IntegrityError
 
     from labeling.errors import DomainError
     from labeling.services import pair_create
@@ -345,4 +379,6 @@ def rerank_sample_into_queue(*, project: Any, prompt: str | Messages, candidates
     except DomainError:  # the pair exists already (or cannot be a pair): nothing to add
         return None
     except IntegrityError:  # a concurrent request created the same pair first
+        return None
+    except DataError:  # a text the database cannot store (a generated candidate with a NUL character)
         return None

@@ -1,15 +1,25 @@
 """Reads of training runs and the model registry, limited to the projects a user may see."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from labeling.errors import DomainError, NotFound
 from labeling.models import Project
 from labeling.selectors import project_get_for_user, project_list_for_user
-from rewards.models import Policy, RewardModel, TrainingRun
+from rewards.models import (
+    RERANK_LATENCY_BOUNDS_MS,
+    RERANK_LATENCY_FIELDS,
+    Policy,
+    RerankMinute,
+    RewardModel,
+    TrainingRun,
+)
 
 
 def training_run_list_for_user(*, user: AbstractBaseUser, project_slug: str | None = None,
@@ -84,3 +94,81 @@ def training_run_curves(*, run: TrainingRun) -> dict[str, dict[str, list[dict[st
 
 def training_runs_active(*, runs: Iterable[TrainingRun]) -> bool:
     return any(run.status in (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING) for run in runs)
+
+
+# --- rerank traffic -------------------------------------------------------------------------------------
+
+RERANK_USAGE_DEFAULT_MINUTES = 60
+RERANK_USAGE_MAX_MINUTES = 24 * 60
+RERANK_PERCENTILES = (50, 95, 99)
+
+
+def latency_percentile(counts: Sequence[int], q: float) -> float | None:
+    """The q-quantile (0 <= q <= 1) in milliseconds of latencies counted per bucket: one count per bound of
+    RERANK_LATENCY_BOUNDS_MS and a last one for the slower ones. Interpolated linearly inside the bucket the
+    quantile falls in, as Prometheus's histogram_quantile does, so it is exact to within that bucket; a quantile
+    in the last bucket is given as the last bound. None without counts."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            if index == len(RERANK_LATENCY_BOUNDS_MS):
+                return float(RERANK_LATENCY_BOUNDS_MS[-1])
+            lower = RERANK_LATENCY_BOUNDS_MS[index - 1] if index else 0
+            upper = RERANK_LATENCY_BOUNDS_MS[index]
+            return lower + (upper - lower) * (rank - seen) / count
+        seen += count
+    return None
+
+
+def _share(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
+
+
+def rerank_usage(*, project: Project, minutes: int = RERANK_USAGE_DEFAULT_MINUTES,
+                 now: datetime | None = None) -> dict[str, Any]:
+    """The project's reranking over the last `minutes` UTC minutes (the current, partial one last): requests per
+    minute as a series with the quiet minutes as zeros, and over the whole window the request rate, cache hit
+    rate of the answered requests, errors and latency percentiles. One indexed query of at most `minutes` rows."""
+    if not 1 <= minutes <= RERANK_USAGE_MAX_MINUTES:
+        raise DomainError(f"minutes must be between 1 and {RERANK_USAGE_MAX_MINUTES}.", field="minutes")
+    current = (now or timezone.now()).astimezone(UTC).replace(second=0, microsecond=0)
+    start = current - timedelta(minutes=minutes - 1)
+    rows = {
+        row["minute"]: row
+        for row in RerankMinute.objects.filter(project=project, minute__gte=start, minute__lte=current).values(
+            "minute", "requests", "cache_hits", "errors", "latency_ms_sum", *RERANK_LATENCY_FIELDS)
+    }
+    series = []
+    for i in range(minutes):
+        minute = start + timedelta(minutes=i)
+        row = rows.get(minute)
+        series.append({"minute": minute, "requests": row["requests"] if row else 0,
+                       "cache_hits": row["cache_hits"] if row else 0, "errors": row["errors"] if row else 0})
+    requests = sum(row["requests"] for row in rows.values())
+    errors = sum(row["errors"] for row in rows.values())
+    cache_hits = sum(row["cache_hits"] for row in rows.values())
+    answered = requests - errors
+    counts = [sum(row[name] for row in rows.values()) for name in RERANK_LATENCY_FIELDS]
+    latency = {"mean": _share(sum(row["latency_ms_sum"] for row in rows.values()), answered)}
+    latency.update({f"p{q}": latency_percentile(counts, q / 100) for q in RERANK_PERCENTILES})
+    return {
+        "minutes": minutes,
+        "start": start,
+        "end": current + timedelta(minutes=1),
+        "requests": requests,
+        "requests_per_minute": requests / minutes,
+        "peak_requests_per_minute": max(point["requests"] for point in series),
+        "answered": answered,
+        "errors": errors,
+        "error_rate": _share(errors, requests),
+        "cache_hits": cache_hits,
+        "cache_hit_rate": _share(cache_hits, answered),
+        "latency_ms": latency,
+        "latency_buckets": [{"le_ms": bound, "requests": count}
+                            for bound, count in zip((*RERANK_LATENCY_BOUNDS_MS, None), counts, strict=True)],
+        "series": series,
+    }

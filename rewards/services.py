@@ -5,35 +5,53 @@ after the commit (`transaction.on_commit`), so a worker never sees a run id befo
 broker refuses the message, the run is marked `failed` with the reason and the caller gets a 503: the user is
 never told a run was accepted that no worker will pick up, and the row keeps a record of the attempt.
 
-Lost workers. The training task is acked late and requeued when its worker dies, but a requeued message finds
-the run `running` and leaves it (the status guard). `training_runs_recover_stale` marks such runs failed once
-their heartbeat is older than PREFLAB["TRAINING_STALE_MINUTES"]; the worker runs it when it starts
-(`worker_ready`) and Celery beat runs it every few minutes (see worker/celery.py).
+Lost workers. A run records the process training it (host, PID namespace, pid) and the attempt, and that
+process writes a heartbeat from a thread of its own every PREFLAB["TRAINING_HEARTBEAT_SECONDS"]. A running
+run is lost when its process was on this machine and is gone, when three beats were missed, or (whatever
+wrote it) after PREFLAB["TRAINING_STALE_MINUTES"] without a heartbeat. `training_runs_recover_stale` finds lost
+runs when a worker starts (`worker_ready`) and every minute (Celery beat, see worker/celery.py); a requeued
+task of a dead pool process finds its run in `training_run_execute`. A lost run with a complete checkpoint and
+attempts left (PREFLAB["TRAINING_MAX_ATTEMPTS"]) is queued again and resumes from the checkpoint with the same
+dataset snapshot; any other is failed with the reason. Every write of an attempt is conditional on the run
+still running as that attempt, so a process that was given up for lost cannot overwrite its successor.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import traceback
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
-from django.db.models import Max
+from django.db import connection, transaction
+from django.db.models import F, Max
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from kombu.exceptions import OperationalError
 
 from labeling.errors import Conflict, DomainError, ServiceUnavailable
 from labeling.models import Project
 from labeling.selectors import PreferenceRow, preference_rows
-from rewards.models import Policy, RewardModel, RewardModelDeployment, TrainingRun
+from rewards.models import (
+    RERANK_LATENCY_BOUNDS_MS,
+    RERANK_LATENCY_FIELDS,
+    Policy,
+    RerankMinute,
+    RewardModel,
+    RewardModelDeployment,
+    TrainingRun,
+)
+from rewards.training.common import CHECKPOINT_PREFIX, checkpoint_step, latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +220,11 @@ def _output_dir(run: TrainingRun) -> Path:
     return Path(settings.PREFLAB["ARTIFACTS_DIR"]) / "runs" / str(run.pk)
 
 
+def training_run_checkpoint_dir(*, run: TrainingRun) -> Path:
+    """Where the run's trainer keeps its latest checkpoint: outside the artifact, removed when the run ends."""
+    return Path(settings.PREFLAB["ARTIFACTS_DIR"]) / "checkpoints" / str(run.pk)
+
+
 def _lineage(run: TrainingRun, *, base_model: str, result: Any) -> dict[str, Any]:
     return {
         "training_run": run.pk, "kind": run.kind, "base_model": base_model, "hyperparameters": run.hyperparameters,
@@ -214,82 +237,187 @@ def _lineage(run: TrainingRun, *, base_model: str, result: Any) -> dict[str, Any
     }
 
 
-def _claim(*, run_id: int, worker: str) -> bool:
+def _claim(*, run_id: int, worker: str) -> int | None:
+    """Take a queued run for this process; returns the attempt it starts, or None if the run is not queued."""
     now = timezone.now()
     claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED, cancel_requested=False).update(
-        status=TrainingRun.Status.RUNNING, started_at=now, heartbeat_at=now, worker_hostname=worker[:255],
+        status=TrainingRun.Status.RUNNING, started_at=Coalesce(F("started_at"), now), heartbeat_at=now,
+        worker_hostname=worker[:255], worker_host=_this_host(), worker_pid=os.getpid(), attempts=F("attempts") + 1,
     )
-    return bool(claimed)
+    if not claimed:
+        return None
+    return TrainingRun.objects.filter(pk=run_id).values_list("attempts", flat=True).first()
 
 
 def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[Any] = ()) -> TrainingRun | None:
-    """Train a queued run to the end. Safe to call again: only a `queued` run is claimed, so a redelivered
-    task or a second worker leaves a running or finished run alone. Returns the run, or None if it is gone."""
-    if not _claim(run_id=run_id, worker=worker or _hostname()):
+    """Train a queued run to the end; a run queued again after its worker was lost resumes from its latest
+    checkpoint. Safe to call again: only a `queued` run is claimed, so a redelivered task or a second worker
+    leaves a running or finished run alone, except that a running run whose worker is gone is recovered (see
+    training_run_recover_lost). Returns the run, or None if it is gone."""
+    attempt = _claim(run_id=run_id, worker=worker or _hostname())
+    if attempt is None:
         run = TrainingRun.objects.filter(pk=run_id).first()
         if run is None:
             logger.warning("training run %s no longer exists; nothing to do", run_id)
-        else:
+            return None
+        reason = _lost_reason(run) if run.status == TrainingRun.Status.RUNNING else None
+        if reason is None:
             logger.info("training run %s is %s; not starting it again", run_id, run.status)
+            return run
+        # Celery requeues the task of a pool process that died (reject_on_worker_lost): recover the run now
+        # instead of at the next sweep.
+        training_run_recover_lost(run=run, reason=reason)
+        run.refresh_from_db()
         return run
 
     run = TrainingRun.objects.select_related("project", "reward_model").get(pk=run_id)
     # Imported here: it pulls in transformers, which the web process should not load to serve pages.
-    from rewards.progress import RunProgressCallback
+    from rewards.progress import RunHeartbeat, RunProgressCallback
 
-    progress = RunProgressCallback(run_id=run.pk)
     output_dir = _output_dir(run)
+    checkpoint_dir = training_run_checkpoint_dir(run=run)
+    try:
+        resume_from, history, log_lines = _attempt_prepare(run=run, output_dir=output_dir,
+                                                           checkpoint_dir=checkpoint_dir)
+    except Exception as exc:
+        logger.exception("training run %s could not be prepared", run.pk)
+        return training_run_fail(run_id=run.pk, error=f"The run could not be prepared: {type(exc).__name__}: {exc}",
+                                 attempt=attempt)
+    progress = RunProgressCallback(run_id=run.pk, attempt=attempt, history=history, log_lines=log_lines)
+    heartbeat = RunHeartbeat(run_id=run.pk, attempt=attempt, on_lost=progress.mark_lost,
+                             interval=float(settings.PREFLAB["TRAINING_HEARTBEAT_SECONDS"]))
+    # Inside an outer transaction the claimed row is not committed, so no other connection could write to it.
+    if not transaction.get_connection().in_atomic_block:
+        heartbeat.start()
     try:
         rows = _snapshot_rows(run)
         recipe = _recipe(run.kind)
         base_model = run.base_model or str(recipe.default_base_model())
         metadata = {"preflab_training_run": run.pk, "project": run.project.slug, "dataset_hash": run.dataset_hash}
-        all_callbacks = [progress, *callbacks]
+        common: dict[str, Any] = {"output_dir": output_dir, "hyperparameters": run.hyperparameters,
+                                  "callbacks": [progress, *callbacks], "metadata": metadata,
+                                  "checkpoint_dir": checkpoint_dir, "resume_from_checkpoint": resume_from}
         if run.kind == TrainingRun.Kind.RLHF:
             train_ids = set(run.train_pair_ids)
             prompts = list({json.dumps(row.prompt, sort_keys=True): row.prompt
                             for row in rows if row.pair_id in train_ids}.values())
             result = recipe.train(base_model=base_model, prompts=prompts,
-                                  reward_model_path=run.reward_model.artifact_path, output_dir=output_dir,
-                                  hyperparameters=run.hyperparameters, callbacks=all_callbacks, metadata=metadata)
+                                  reward_model_path=run.reward_model.artifact_path, **common)
         else:
             by_pair = {row.pair_id: row for row in rows}
             train = [_example(by_pair[pk]) for pk in run.train_pair_ids]
             held_out = [_example(by_pair[pk]) for pk in run.eval_pair_ids]
-            kwargs: dict[str, Any] = {}
             if run.kind == TrainingRun.Kind.DPO and run.reward_model is not None:
-                kwargs["judge_path"] = run.reward_model.artifact_path
-            result = recipe.train(base_model=base_model, train=train, eval=held_out, output_dir=output_dir,
-                                  hyperparameters=run.hyperparameters, callbacks=all_callbacks, metadata=metadata,
-                                  **kwargs)
+                common["judge_path"] = run.reward_model.artifact_path
+            result = recipe.train(base_model=base_model, train=train, eval=held_out, **common)
     except Exception as exc:
+        if progress.lost:
+            logger.warning("training run %s: attempt %s stopped after losing the run (%s)", run.pk, attempt, exc)
+            return TrainingRun.objects.get(pk=run.pk)
         logger.exception("training run %s failed", run.pk)
         message = exc.message if isinstance(exc, DomainError) else f"{type(exc).__name__}: {exc}"
-        training_run_fail(run_id=run.pk, error=message, details=traceback.format_exc(limit=8))
-        return TrainingRun.objects.get(pk=run.pk)
+        return training_run_fail(run_id=run.pk, error=message, details=traceback.format_exc(limit=8),
+                                 attempt=attempt)
+    finally:
+        heartbeat.stop()
 
+    if progress.lost:
+        # A sweep gave this attempt up for lost (it was frozen or cut off from the database) and the run went to
+        # a later attempt or failed: that decision stands, and the files now belong to the later attempt.
+        logger.warning("training run %s is no longer running as attempt %s; leaving it", run.pk, attempt)
+        return TrainingRun.objects.get(pk=run.pk)
     if progress.cancelled or TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists():
-        TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
+        TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=attempt).update(
             status=TrainingRun.Status.CANCELLED, finished_at=timezone.now(), eta_seconds=None,
             metrics_history=progress.history or list(getattr(result, "history", [])),
         )
         shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return TrainingRun.objects.get(pk=run.pk)
-    return _training_run_succeed(run=run, result=result, base_model=base_model, history=progress.history)
+    run = _training_run_succeed(run=run, result=result, base_model=base_model, history=progress.history,
+                                attempt=attempt)
+    if run.status == TrainingRun.Status.SUCCEEDED and run.attempts == attempt:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return run
+
+
+def _attempt_prepare(*, run: TrainingRun, output_dir: Path,
+                     checkpoint_dir: Path) -> tuple[Path | None, list[dict[str, Any]], list[str]]:
+    """The checkpoint this attempt resumes from (None: from the start), and the metrics history and log lines
+    it carries on with. A later attempt drops what the lost one left half-written (a checkpoint cut off while
+    being saved, a partial artifact) and the logs of the steps it will train again."""
+    from rewards.progress import LOG_TAIL_LINES
+
+    history = [dict(entry) for entry in run.metrics_history or [] if isinstance(entry, dict)]
+    log_lines = run.log_tail.splitlines() if run.log_tail else []
+    if run.attempts <= 1:
+        # Checkpoints under a new run's id can only be another database's (one reset under the same folder).
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return None, history, log_lines
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        for path in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            if path != checkpoint:
+                shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    events = [entry for entry in history if "event" in entry]
+    if checkpoint is None:
+        # The checkpoint was there when the run was queued again; this worker does not see the same folder.
+        step = 0
+        message = f"attempt {run.attempts}: no checkpoint in {checkpoint_dir}; training again from the start"
+        history = [*events, {"step": 0, "event": "restarted", "attempt": run.attempts, "message": message}]
+    else:
+        step = checkpoint_step(checkpoint)
+        message = f"attempt {run.attempts}: resumed from step {step} after worker lost ({checkpoint.name})"
+        history = [entry for entry in history if "event" in entry or _logged_step(entry) <= step]
+        history.append({"step": step, "event": "resumed", "attempt": run.attempts, "message": message})
+    log_lines.append(message)
+    logger.warning("training run %s: %s", run.pk, message)
+    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=run.attempts).update(
+        step=step, metrics_history=history, log_tail="\n".join(log_lines[-LOG_TAIL_LINES:]))
+    return checkpoint, history, log_lines
+
+
+def _logged_step(entry: dict[str, Any]) -> float:
+    step = entry.get("step")
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
 
 
 def _hostname() -> str:
-    import socket
-
     return socket.gethostname()
 
 
+def _this_host() -> str:
+    """This machine's host name with its PID namespace: a pid recorded under the same value names a process
+    this one can see (containers may share a host name, never a PID namespace)."""
+    host = socket.gethostname()
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc: the host name alone
+        return host[:255]
+    return f"{host} pid-ns {namespace}"[:255]
+
+
+def _process_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # it exists but may not be inspected
+        return True
+
+
 @transaction.atomic
-def _training_run_succeed(*, run: TrainingRun, result: Any, base_model: str,
-                          history: list[dict[str, Any]]) -> TrainingRun:
+def _training_run_succeed(*, run: TrainingRun, result: Any, base_model: str, history: list[dict[str, Any]],
+                          attempt: int | None = None) -> TrainingRun:
     Project.objects.select_for_update().filter(pk=run.project_id).first()
     metrics = {key: _json_value(value) for key, value in dict(result.metrics or {}).items()}
-    updated = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
+    mine = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING)
+    if attempt is not None:
+        mine = mine.filter(attempts=attempt)
+    updated = mine.update(
         status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), heartbeat_at=timezone.now(),
         eta_seconds=None, eval_metrics=metrics, artifact_path=str(result.artifact),
         metrics_history=history or [_json_dict(entry) for entry in (result.history or [])],
@@ -336,6 +464,8 @@ def training_run_cancel(*, run: TrainingRun) -> TrainingRun:
     now = timezone.now()
     if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
             status=TrainingRun.Status.CANCELLED, cancel_requested=True, finished_at=now):
+        # A run queued again after a lost worker still has the checkpoint it would have resumed from.
+        shutil.rmtree(training_run_checkpoint_dir(run=run), ignore_errors=True)
         run.refresh_from_db()
         return run
     if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True):
@@ -346,8 +476,9 @@ def training_run_cancel(*, run: TrainingRun) -> TrainingRun:
                    field="status", code="not_cancellable")
 
 
-def training_run_fail(*, run_id: int, error: str, details: str = "") -> TrainingRun | None:
-    """Mark an unfinished run failed with the reason; a finished run is left as it is."""
+def training_run_fail(*, run_id: int, error: str, details: str = "", attempt: int | None = None) -> TrainingRun | None:
+    """Mark an unfinished run failed with the reason (with `attempt`, only while it runs as that attempt) and
+    remove its checkpoints; a finished run is left as it is."""
     run = TrainingRun.objects.filter(pk=run_id).first()
     if run is None:
         return None
@@ -355,27 +486,105 @@ def training_run_fail(*, run_id: int, error: str, details: str = "") -> Training
                               "finished_at": timezone.now(), "eta_seconds": None}
     if details:
         fields["log_tail"] = "\n".join(filter(None, [run.log_tail, details]))[-20000:]
-    TrainingRun.objects.filter(pk=run_id, status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING]) \
-        .update(**fields)
+    unfinished = TrainingRun.objects.filter(pk=run_id,
+                                            status__in=[TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING])
+    if attempt is not None:
+        unfinished = unfinished.filter(status=TrainingRun.Status.RUNNING, attempts=attempt)
+    if unfinished.update(**fields):
+        shutil.rmtree(training_run_checkpoint_dir(run=run), ignore_errors=True)
     run.refresh_from_db()
     return run
 
 
+# Beats a live process may miss (a slow database write, a busy machine) before its run counts as lost.
+HEARTBEATS_MISSED = 3
+
+
+def _lost_reason(run: TrainingRun, *, now: datetime | None = None,
+                 stale_after: timedelta | None = None) -> str | None:
+    """Why a running run's worker counts as gone, or None while it may be alive. Lost: its process was on this
+    machine (same host and PID namespace) and is gone; or it records a process, whose heartbeat thread then
+    writes every TRAINING_HEARTBEAT_SECONDS, and HEARTBEATS_MISSED beats were missed; or, whatever ran it (a
+    run claimed before processes were recorded), no heartbeat for `stale_after` (TRAINING_STALE_MINUTES)."""
+    now = now or timezone.now()
+    if stale_after is None:
+        stale_after = timedelta(minutes=int(settings.PREFLAB["TRAINING_STALE_MINUTES"]))
+    beat = run.heartbeat_at or run.started_at or run.created_at
+    who = run.worker_hostname or "unknown worker"
+    if (run.worker_pid is not None and run.worker_host and run.worker_host == _this_host()
+            and not _process_alive(run.worker_pid)):
+        return f"worker lost (process {run.worker_pid} of {who} is gone; last heartbeat {beat.isoformat()})"
+    silent = now - beat
+    window = timedelta(seconds=HEARTBEATS_MISSED * float(settings.PREFLAB["TRAINING_HEARTBEAT_SECONDS"]))
+    if (run.worker_pid is not None and silent > window) or silent > stale_after:
+        return f"worker lost (no heartbeat since {beat.isoformat()} from {who})"
+    return None
+
+
 def training_runs_recover_stale(*, older_than: timedelta | None = None) -> int:
-    """Fail running runs whose worker stopped writing heartbeats; returns how many were failed."""
-    if older_than is None:
-        older_than = timedelta(minutes=int(settings.PREFLAB["TRAINING_STALE_MINUTES"]))
-    cutoff = timezone.now() - older_than
+    """Find running runs whose worker is lost (see _lost_reason; `older_than` overrides the absolute
+    staleness) and recover each: queued again to resume from its checkpoint, or failed with the reason.
+    Returns how many were recovered."""
+    now = timezone.now()
     recovered = 0
-    stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff)
-    for run_id, heartbeat, worker in stale.values_list("id", "heartbeat_at", "worker_hostname"):
-        updated = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING,
-                                             heartbeat_at__lt=cutoff).update(
-            status=TrainingRun.Status.FAILED, finished_at=timezone.now(), eta_seconds=None,
-            error=f"worker lost (no heartbeat since {heartbeat.isoformat()} from {worker or 'unknown worker'})",
-        )
-        recovered += updated
+    running = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING).order_by("pk") \
+        .defer("comparison_ids", "train_pair_ids", "eval_pair_ids")
+    for run in running:
+        reason = _lost_reason(run, now=now, stale_after=older_than)
+        if reason is not None and training_run_recover_lost(run=run, reason=reason) is not None:
+            recovered += 1
     return recovered
+
+
+def training_run_recover_lost(*, run: TrainingRun, reason: str) -> TrainingRun | None:
+    """Settle a running run whose worker is lost. With a complete checkpoint and fewer than
+    PREFLAB["TRAINING_MAX_ATTEMPTS"] attempts it is queued again and its task republished (the next attempt
+    resumes from the checkpoint on the same dataset snapshot); a run asked to stop is cancelled; any other is
+    failed with `reason`. The change lands only if the run is still exactly as judged (same attempt and
+    heartbeat), so two sweeps never both act and a run that just wrote a heartbeat is left alone. Returns the
+    run, or None when it had changed."""
+    now = timezone.now()
+    max_attempts = int(settings.PREFLAB["TRAINING_MAX_ATTEMPTS"])
+    checkpoint_dir = training_run_checkpoint_dir(run=run)
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    outcome: dict[str, Any]
+    if run.cancel_requested:
+        message = f"{reason}; cancelled as requested"
+        outcome = {"status": TrainingRun.Status.CANCELLED, "finished_at": now}
+    elif checkpoint is not None and run.attempts < max_attempts:
+        message = (f"{reason}; queued again as attempt {run.attempts + 1} of {max_attempts}, to resume from "
+                   f"step {checkpoint_step(checkpoint)}")
+        outcome = {"status": TrainingRun.Status.QUEUED}
+    else:
+        why = ("no checkpoint to resume from" if checkpoint is None
+               else f"gave up after {run.attempts} attempts (PREFLAB_TRAINING_MAX_ATTEMPTS)")
+        message = f"{reason}; {why}"
+        outcome = {"status": TrainingRun.Status.FAILED, "finished_at": now, "error": message[:10000]}
+    lost = {"step": run.step, "event": "worker_lost", "attempt": run.attempts, "message": message}
+    as_judged = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=run.attempts,
+                                           heartbeat_at=run.heartbeat_at)
+    if not as_judged.update(eta_seconds=None, metrics_history=[*(run.metrics_history or []), lost],
+                            log_tail="\n".join(filter(None, [run.log_tail, message]))[-20000:], **outcome):
+        return None
+    logger.warning("training run %s: %s", run.pk, message)
+    if outcome["status"] == TrainingRun.Status.QUEUED:
+        transaction.on_commit(lambda: _training_run_republish(run_id=run.pk))
+    else:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if outcome["status"] == TrainingRun.Status.CANCELLED:
+            shutil.rmtree(_output_dir(run), ignore_errors=True)
+    return TrainingRun.objects.get(pk=run.pk)
+
+
+def _training_run_republish(*, run_id: int) -> None:
+    run = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).first()
+    if run is None:
+        return
+    try:
+        _training_run_publish(run=run)
+    except ServiceUnavailable:
+        # The run was failed with the broker's error; a sweep has no caller to tell.
+        logger.warning("training run %s could not be queued again: the broker is unreachable", run_id)
 
 
 # --- the registry ---------------------------------------------------------------------------------------
@@ -454,4 +663,60 @@ def reward_model_deploy(*, reward_model: RewardModel, deployed_by: AbstractBaseU
     RewardModelDeployment.objects.create(project_id=reward_model.project_id, reward_model=reward_model,
                                          previous=current, deployed_by=deployed_by)
     reward_model.refresh_from_db()
+    # This process serves the new version on its next request; other server processes within a second.
+    from rewards.serving import deployments
+
+    deployments.clear(project_id=reward_model.project_id)
+    transaction.on_commit(lambda: deployments.clear(project_id=reward_model.project_id))
     return reward_model
+
+
+# --- rerank traffic -------------------------------------------------------------------------------------
+
+_RERANK_COUNTED = ("requests", "cache_hits", "errors", "latency_ms_sum", *RERANK_LATENCY_FIELDS)
+
+
+def rerank_latency_bucket(latency_ms: float) -> str:
+    """The latency column of RerankMinute that counts a request answered in `latency_ms` (bounds inclusive)."""
+    return RERANK_LATENCY_FIELDS[bisect_left(RERANK_LATENCY_BOUNDS_MS, latency_ms)]
+
+
+def _rerank_upsert_sql() -> str:
+    # Django's bulk_create(update_conflicts=True) can only overwrite a column with the new value, not add to it;
+    # this statement is plain SQL that PostgreSQL and SQLite (3.24+) both accept.
+    quote = connection.ops.quote_name
+    table = quote(RerankMinute._meta.db_table)
+    columns = ("project_id", "minute", *_RERANK_COUNTED)
+    increments = ", ".join(f"{quote(name)} = {table}.{quote(name)} + EXCLUDED.{quote(name)}"
+                           for name in _RERANK_COUNTED)
+    return (f"INSERT INTO {table} ({', '.join(quote(name) for name in columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(columns))}) "
+            f"ON CONFLICT ({quote('project_id')}, {quote('minute')}) DO UPDATE SET {increments}")
+
+
+def rerank_usage_record(*, project: Project, latency_ms: float, cached: bool = False, error: bool = False,
+                        at: datetime | None = None) -> bool:
+    """Count one rerank request in its project's row for the minute (one INSERT ... ON CONFLICT DO UPDATE, so
+    concurrent requests add up without a read). An error counts as a request and an error only; an answered
+    request adds its latency and, when `cached`, a cache hit.
+
+    Returns False when the write failed. It is logged and swallowed: the request being answered must never fail
+    because its statistics could not be written."""
+    minute = (at or timezone.now()).astimezone(UTC).replace(second=0, microsecond=0)
+    bucket = None if error else rerank_latency_bucket(latency_ms)
+    values = [project.pk, connection.ops.adapt_datetimefield_value(minute), 1, int(cached and not error),
+              int(error), 0.0 if error else float(latency_ms),
+              *(int(name == bucket) for name in RERANK_LATENCY_FIELDS)]
+    own_transaction = not connection.in_atomic_block
+    try:
+        # A savepoint when the caller is in a transaction, so a failed write does not poison the caller's.
+        with transaction.atomic(), connection.cursor() as cursor:
+            if own_transaction and connection.vendor == "postgresql":
+                # Not waiting for the WAL flush takes about 1.5 ms off every rerank request, cache hits included;
+                # a database crash may then lose the last fraction of a second of these counters, nothing else.
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+            cursor.execute(_rerank_upsert_sql(), values)
+    except Exception:
+        logger.warning("rerank traffic of project %s was not recorded", project.pk, exc_info=True)
+        return False
+    return True

@@ -20,6 +20,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_pg)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_deployment_cache():
+    # Rolled-back tests can hand the next test the same project id (SQLite reuses row ids), and a deployed
+    # version cached per process for a second must not leak from one test into the next.
+    from rewards.serving import deployments
+
+    deployments.clear()
+    yield
+    deployments.clear()
+
+
 @pytest.fixture
 def is_postgres() -> bool:
     return connection.vendor == "postgresql"

@@ -21,9 +21,11 @@ app.conf.task_routes = {
     "worker.tasks.training_run_execute": {"queue": "training"},
     "worker.tasks.training_runs_recover_stale": {"queue": "default"},
 }
-# Runs whose worker died are failed by this sweep (`celery -A worker beat`), and at every worker start.
+# Runs whose worker died are resumed from their last checkpoint or failed by this sweep (`celery -A worker
+# beat`), and at every worker start. It is one indexed query when nothing is lost, and a run on another machine
+# counts as lost after three missed heartbeats (a minute by default), so it runs every minute.
 app.conf.beat_schedule = {
-    "training-runs-recover-stale": {"task": "worker.tasks.training_runs_recover_stale", "schedule": 300.0},
+    "training-runs-recover-stale": {"task": "worker.tasks.training_runs_recover_stale", "schedule": 60.0},
 }
 
 
@@ -38,4 +40,4 @@ def _recover_stale_runs_on_start(sender=None, **kwargs) -> None:
         logger.exception("could not sweep stale training runs at worker start")
         return
     if recovered:
-        logger.warning("marked %s training run(s) failed: their worker was lost", recovered)
+        logger.warning("recovered %s training run(s) whose worker was lost (queued again or failed)", recovered)

@@ -117,6 +117,8 @@ REST_FRAMEWORK = {
                                    "labeling.permissions.ScopedTokenPermission"],
     "DEFAULT_SCHEMA_CLASS": "labeling.schema.PreflabAutoSchema",
     "EXCEPTION_HANDLER": "labeling.errors.exception_handler",
+    "DEFAULT_PARSER_CLASSES": ["labeling.parsers.JSONParser", "rest_framework.parsers.FormParser",
+                               "rest_framework.parsers.MultiPartParser"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -133,6 +135,13 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "ComparisonChoiceEnum": "labeling.models.Choice",
         "FrameChoiceEnum": "labeling.services.FRAME_CHOICES",
+        "ApiTokenScopeEnum": "labeling.models.ApiToken.Scope",
+    },
+    # Path parameters say what the URL converters accept; anything else matches no route.
+    "PATH_CONVERTER_OVERRIDES": {
+        "slug": {"type": "string", "pattern": "^[-a-zA-Z0-9_]+$"},
+        "str": {"type": "string", "pattern": "^[^/]+$"},
+        "int": {"type": "integer", "minimum": 0},
     },
 }
 
@@ -179,6 +188,11 @@ PREFLAB = {
     "TRAINING_TIME_LIMIT": env.int("PREFLAB_TRAINING_TIME_LIMIT", default=6 * 3600 + 300),
     # A running run whose worker has not written a heartbeat for this long is marked failed (worker lost).
     "TRAINING_STALE_MINUTES": env.int("PREFLAB_TRAINING_STALE_MINUTES", default=15),
+    # A training process writes a heartbeat this often, from a thread of its own (so also during long steps,
+    # evaluation and saving); three missed beats and its run counts as lost.
+    "TRAINING_HEARTBEAT_SECONDS": env.float("PREFLAB_TRAINING_HEARTBEAT_SECONDS", default=20.0),
+    # A run whose worker was lost resumes from its last checkpoint until it has been started this many times.
+    "TRAINING_MAX_ATTEMPTS": env.int("PREFLAB_TRAINING_MAX_ATTEMPTS", default=3),
     # Folders the API may register reward models from (the management command takes any path).
     "MODEL_IMPORT_DIRS": [Path(p) for p in env.list("PREFLAB_MODEL_IMPORT_DIRS",
                                                      default=[str(VAR_DIR / "models")])],
@@ -192,7 +206,12 @@ PREFLAB = {
     # Policies kept loaded for /generate/ per process.
     "GENERATE_MODEL_CACHE_SIZE": env.int("PREFLAB_GENERATE_MODEL_CACHE_SIZE", default=2),
     "RERANK_BATCH_WINDOW_MS": env.float("PREFLAB_RERANK_BATCH_WINDOW_MS", default=5.0),
-    "RERANK_MAX_BATCH": env.int("PREFLAB_RERANK_MAX_BATCH", default=64),
+    # Candidates one batching pass may gather from queued requests: more of them sort into less padding.
+    "RERANK_MAX_BATCH": env.int("PREFLAB_RERANK_MAX_BATCH", default=256),
+    # Sequences per forward pass within a batch (sorted by length, so each forward pads only to its own longest).
+    "RERANK_FORWARD_BATCH": env.int("PREFLAB_RERANK_FORWARD_BATCH", default=16),
+    # How long a server process reuses a project's deployed version before reading it again.
+    "RERANK_DEPLOYMENT_TTL_SECONDS": env.float("PREFLAB_RERANK_DEPLOYMENT_TTL_SECONDS", default=1.0),
     # Torch threads per process; 0 means one per core this process may use.
     "TORCH_THREADS": env.int("PREFLAB_TORCH_THREADS", default=0),
     # /metrics answers loopback addresses, and others only with `Authorization: Bearer <this>` (blank: never).

@@ -1,8 +1,17 @@
-"""Types shared by the training recipes: the hyperparameter error, the training result and device choice."""
+"""Types shared by the training recipes: the hyperparameter error, the training result, device choice and
+the checkpoints a run resumes from."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Trainer._save_checkpoint writes the trainer state after the weights, optimizer, scheduler and RNG states, so
+# a checkpoint folder without it was cut off while being written.
+CHECKPOINT_COMPLETE_FILE = "trainer_state.json"
+# Checkpoints every 10% of the run's steps: a lost worker costs at most a tenth of the run.
+DEFAULT_SAVE_STEPS = 0.1
 
 
 class HyperparameterError(ValueError):
@@ -29,3 +38,42 @@ def pick_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_save_steps(value: float) -> float | int:
+    """TrainingArguments' save_steps: a fraction of the run's steps below 1, or a whole number of steps."""
+    if value >= 1:
+        if not float(value).is_integer():
+            raise HyperparameterError("save_steps", "must be a fraction of the run below 1 (0.1 saves every 10% "
+                                                    "of the steps) or a whole number of steps.")
+        return int(value)
+    return value
+
+
+def checkpoint_arguments(checkpoint_dir: Path | None) -> dict[str, Any]:
+    """Trainer arguments for periodic checkpoints (every `save_steps`, only the latest kept) in
+    `checkpoint_dir`, or for none when it is None. The recipe's artifact is saved elsewhere."""
+    if checkpoint_dir is None:
+        return {"save_strategy": "no"}
+    return {"output_dir": str(checkpoint_dir), "save_strategy": "steps", "save_total_limit": 1,
+            "save_only_model": False}
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(Path(path).name[len(CHECKPOINT_PREFIX):])
+
+
+def checkpoints(folder: Path | None) -> list[Path]:
+    """The complete checkpoint folders in `folder`, oldest step first."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    found = [path for path in Path(folder).iterdir()
+             if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX)
+             and path.name[len(CHECKPOINT_PREFIX):].isdigit() and (path / CHECKPOINT_COMPLETE_FILE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    """The complete checkpoint of the highest step in `folder`, or None."""
+    found = checkpoints(folder)
+    return found[-1] if found else None

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rewards.training.common import HyperparameterError, TrainingResult, pick_device
+from rewards.training.common import (
+    DEFAULT_SAVE_STEPS,
+    HyperparameterError,
+    TrainingResult,
+    check_save_steps,
+    checkpoint_arguments,
+    pick_device,
+)
 from rewards.training.data import PreferenceExample, prompt_key, prompt_messages
 
 logger = logging.getLogger(__name__)
@@ -38,6 +45,7 @@ DPO_DEFAULTS: dict[str, Any] = {
     "gradient_checkpointing": False,
     "precompute_ref_log_probs": False,
     "logging_steps": 1,
+    "save_steps": DEFAULT_SAVE_STEPS,
     "seed": 42,
     # Recipe keys, not DPOConfig fields: LoRA (lora_r = 0 trains every weight) and the win-rate evaluation.
     "lora_r": 0,
@@ -121,6 +129,8 @@ POLICY_TRAINING_RULES: dict[str, Rule] = {
     "gradient_accumulation_steps": Rule("int", low=1, high=1024),
     "gradient_checkpointing": Rule("bool"),
     "logging_steps": Rule("int", low=1),
+    # A fraction of the run's steps below 1, a whole number of steps from 1 (see check_save_steps).
+    "save_steps": Rule("float", low=0, low_open=True, high=1_000_000),
     "seed": Rule("int", low=0, high=2**32 - 1),
     "lora_r": Rule("int", low=0, high=1024),
     "lora_alpha": Rule("float", low=0, low_open=True),
@@ -146,6 +156,7 @@ def validate_dpo_hyperparameters(hp: dict) -> dict:
     merged = check_hyperparameters(hp, defaults=DPO_DEFAULTS, rules=DPO_RULES)
     if merged["max_steps"] == 0:
         raise HyperparameterError("max_steps", "must be -1 (train num_train_epochs) or a positive number of steps.")
+    merged["save_steps"] = check_save_steps(merged["save_steps"])
     if merged["loss_type"] == "exo_pair" and merged["label_smoothing"] == 0:
         raise HyperparameterError("label_smoothing", "must be > 0 for loss_type exo_pair (the EXO paper uses 1e-3).")
     if merged["loss_type"] == "robust" and merged["label_smoothing"] >= 0.5:
@@ -163,14 +174,14 @@ def trainer_precision(device: str) -> dict[str, Any]:
 
 
 def trainer_arguments(hp: dict[str, Any], *, output_dir: Path, device: str,
-                      recipe_keys: frozenset[str] = RECIPE_KEYS) -> dict[str, Any]:
+                      recipe_keys: frozenset[str] = RECIPE_KEYS, checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Config arguments shared by the online and offline policy trainers: the TRL fields of `hp` (all but the
-    recipe's own `recipe_keys`) plus what the recipe fixes itself (scratch folder, no reporting, no
-    checkpoints, precision)."""
+    recipe's own `recipe_keys`) plus what the recipe fixes itself (scratch folder, no reporting, checkpoints
+    only into `checkpoint_dir` when given, precision)."""
     return {
         "output_dir": str(output_dir / "trainer"),
+        **checkpoint_arguments(checkpoint_dir),
         "report_to": [],
-        "save_strategy": "no",
         "eval_strategy": "no",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
@@ -409,8 +420,13 @@ def train_dpo(
     callbacks: Sequence = (),
     metadata: dict | None = None,
     judge_path: str | Path | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_from_checkpoint: Path | None = None,
 ) -> TrainingResult:
     """Train `base_model` with TRL's DPOTrainer on `train` and save the policy to `output_dir`/model.
+
+    With `checkpoint_dir`, the latest checkpoint (every `save_steps`) is kept there, and training continues from
+    `resume_from_checkpoint` when given.
 
     The reference is the base model itself (a frozen copy made by TRL, or the adapter-disabled model under LoRA).
     Metrics: TRL's eval rewards (accuracies, margins, ...) on `eval`, and, on up to `win_rate_prompts` distinct
@@ -451,7 +467,7 @@ def train_dpo(
     # The base answers come from the untouched weights, before the trainer wraps or updates them.
     base_answers = generate_greedy(model, tokenizer, judge_prompts, max_new_tokens=hp["max_new_tokens"])
 
-    args = DPOConfig(**trainer_arguments(hp, output_dir=output_dir, device=device))
+    args = DPOConfig(**trainer_arguments(hp, output_dir=output_dir, device=device, checkpoint_dir=checkpoint_dir))
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -469,7 +485,7 @@ def train_dpo(
         )
     shortened = count_shortened(trainer.train_dataset, hp["max_length"])
 
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
     metrics: dict[str, Any] = {"train_loss": output.training_loss, "train_runtime": output.metrics.get("train_runtime")}
     if trainer.eval_dataset is not None and eval_pairs:
         metrics.update(trainer.evaluate())

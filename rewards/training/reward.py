@@ -12,7 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rewards.training.common import HyperparameterError, TrainingResult, pick_device
+from rewards.training.common import (
+    DEFAULT_SAVE_STEPS,
+    HyperparameterError,
+    TrainingResult,
+    check_save_steps,
+    checkpoint_arguments,
+    pick_device,
+)
 from rewards.training.data import EncodedText, PreferenceExample, RewardEncoder, RewardFormat
 
 logger = logging.getLogger(__name__)
@@ -33,6 +40,8 @@ REWARD_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
     "logging_steps": 5,
+    # Used when the run keeps checkpoints (a worker that dies resumes from the last one).
+    "save_steps": DEFAULT_SAVE_STEPS,
     "seed": 42,
     "center_rewards_coefficient": None,
     "disable_dropout": True,
@@ -64,6 +73,7 @@ _RULES: dict[str, tuple[str, Any, Any, bool]] = {
     "adam_beta2": ("float", 0, 0.99999, False),
     "adam_epsilon": ("float", "gt0", 1.0, False),
     "logging_steps": ("float", "gt0", 1_000_000, False),
+    "save_steps": ("float", "gt0", 1_000_000, False),
     "seed": ("int", 0, 2**32 - 1, False),
     "data_seed": ("int", 0, 2**32 - 1, True),
     "center_rewards_coefficient": ("float", 0, 10.0, True),
@@ -146,6 +156,7 @@ def validate_reward_hyperparameters(hp: dict) -> dict:
         merged[name] = _check_value(name, hp[name])
     if merged["max_steps"] == 0:
         raise HyperparameterError("max_steps", "must be -1 (train num_train_epochs) or at least 1.")
+    merged["save_steps"] = check_save_steps(merged["save_steps"])
     if merged["bf16"] and merged["fp16"]:
         raise HyperparameterError("fp16", "cannot be combined with bf16.")
     if merged["lora_r"] is None:
@@ -205,12 +216,15 @@ def _write_manifest(path: Path, manifest: dict) -> None:
 
 def train_reward_model(*, base_model: str | None = None, train: Sequence[PreferenceExample],
                        eval: Sequence[PreferenceExample], output_dir: Path, hyperparameters: dict,
-                       callbacks: Sequence = (), metadata: dict | None = None) -> TrainingResult:
+                       callbacks: Sequence = (), metadata: dict | None = None, checkpoint_dir: Path | None = None,
+                       resume_from_checkpoint: Path | None = None) -> TrainingResult:
     """Trains a scalar reward model on preference pairs and saves a folder that plain transformers can load.
 
     Every pair is kept: texts longer than max_length are cut from the left of the prompt before TRL sees them
     (TRL itself would drop them). The artifact holds the (merged, when LoRA) model, the tokenizer and
     preflab.json with the format, the resolved hyperparameters, `metadata` and the held-out metrics.
+    With `checkpoint_dir`, a checkpoint is kept there every `save_steps` (only the latest); training continues
+    from `resume_from_checkpoint` (a checkpoint folder) when given. The artifact never holds checkpoints.
     """
     import torch
     import transformers
@@ -269,8 +283,8 @@ def train_reward_model(*, base_model: str | None = None, train: Sequence[Prefere
     try:
         with tempfile.TemporaryDirectory(prefix="preflab-reward-") as scratch:
             try:
-                args = RewardConfig(output_dir=scratch, report_to=[], save_strategy="no", disable_tqdm=True,
-                                    logging_strategy="steps", **trl_fields)
+                args = RewardConfig(**{"output_dir": scratch, **checkpoint_arguments(checkpoint_dir)},
+                                    report_to=[], disable_tqdm=True, logging_strategy="steps", **trl_fields)
             except ValueError as exc:
                 raise HyperparameterError("hyperparameters", str(exc))
             try:
@@ -285,7 +299,8 @@ def train_reward_model(*, base_model: str | None = None, train: Sequence[Prefere
                 raise
             if len(trainer.train_dataset) != len(train):
                 raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(train)} training pairs.")
-            train_output = trainer.train()
+            train_output = trainer.train(
+                resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
             history = list(trainer.state.log_history)
             device = trainer.args.device.type
             trained = trainer.accelerator.unwrap_model(trainer.model)

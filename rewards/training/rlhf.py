@@ -7,7 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rewards.training.common import HyperparameterError, TrainingResult, pick_device
+from rewards.training.common import (
+    DEFAULT_SAVE_STEPS,
+    HyperparameterError,
+    TrainingResult,
+    check_save_steps,
+    pick_device,
+)
 from rewards.training.data import prompt_messages
 from rewards.training.dpo import (
     POLICY_TRAINING_RULES,
@@ -49,6 +55,7 @@ RLHF_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_steps": 1,
     "gradient_checkpointing": False,
     "logging_steps": 1,
+    "save_steps": DEFAULT_SAVE_STEPS,
     "seed": 42,
     # Recipe keys, not GRPOConfig fields: LoRA, the held-out prompts scored before and after, the reward batch.
     "lora_r": 0,
@@ -84,6 +91,7 @@ def validate_rlhf_hyperparameters(hp: dict) -> dict:
     merged = check_hyperparameters(hp, defaults=RLHF_DEFAULTS, rules=RLHF_RULES)
     if merged["max_steps"] == 0:
         raise HyperparameterError("max_steps", "must be -1 (train num_train_epochs) or a positive number of steps.")
+    merged["save_steps"] = check_save_steps(merged["save_steps"])
     # TRL samples whole groups: every generation batch holds num_generations completions of each of its prompts.
     generation_batch = merged["per_device_train_batch_size"] * merged["gradient_accumulation_steps"]
     if generation_batch % merged["num_generations"]:
@@ -161,9 +169,12 @@ def train_rlhf(
     hyperparameters: dict,
     callbacks: Sequence = (),
     metadata: dict | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_from_checkpoint: Path | None = None,
 ) -> TrainingResult:
     """Train `base_model` with TRL's GRPOTrainer on `prompts`, rewarded by the reward model at
-    `reward_model_path`, and save the policy to `output_dir`/model.
+    `reward_model_path`, and save the policy to `output_dir`/model. With `checkpoint_dir`, the latest checkpoint
+    (every `save_steps`) is kept there, and training continues from `resume_from_checkpoint` when given.
 
     A seeded random set of up to `heldout_prompts` prompts is kept out of training. On it the base and the trained
     policy each answer greedily, and the reward model's mean score of those answers is reported as reward_before
@@ -199,7 +210,8 @@ def train_rlhf(
     base_generated = generate_greedy_ids(model, tokenizer, heldout, max_new_tokens=max_new)
     base_answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for _, ids in base_generated]
 
-    args = GRPOConfig(**trainer_arguments(hp, output_dir=output_dir, device=device, recipe_keys=RECIPE_KEYS))
+    args = GRPOConfig(**trainer_arguments(hp, output_dir=output_dir, device=device, recipe_keys=RECIPE_KEYS,
+                                          checkpoint_dir=checkpoint_dir))
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[reward_function(scorer, batch_size=hp["reward_batch_size"])],
@@ -209,7 +221,7 @@ def train_rlhf(
         callbacks=list(callbacks),
         peft_config=lora_config(hp),
     )
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
     history = [dict(entry) for entry in trainer.state.log_history]
     metrics: dict[str, Any] = {
         "train_loss": output.training_loss,

@@ -13,6 +13,7 @@ from rewards.models import Policy
 from rewards.services import reward_model_register
 from tests.conftest import client_for
 from tests.factories import ProjectFactory, UserFactory
+from tests.rewards.test_rerank_real import minilm_reward_model
 from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model
 
 URL = "/api/v1/generate/"
@@ -186,11 +187,20 @@ def test_permissions(project, policy, deployed, key_client):
 
 @pytest.mark.slow
 @pytest.mark.django_db
-def test_the_embedded_smollm2_generates_and_is_reranked(project, deployed, key_client):
-    response = key_client.post(URL, {"project": project.slug, "prompt": "What is the capital of France?", "n": 2,
-                                     "max_new_tokens": 8, "seed": 1}, format="json")
+def test_the_embedded_smollm2_generates_reproducibly_and_the_real_minilm_reranks(project, key_client,
+                                                                               tmp_path_factory):
+    minilm = reward_model_register(project=project, deploy=True,
+                                   path=minilm_reward_model(tmp_path_factory.mktemp("minilm-rm")))
+    body = {"project": project.slug, "prompt": "What is the capital of France?", "n": 2, "max_new_tokens": 8,
+            "temperature": 0.7, "seed": 1}
+    response = key_client.post(URL, body, format="json")
     assert response.status_code == 200, response.json()
-    body = response.json()
-    assert body["policy"]["kind"] == "embedded" and len(body["candidates"]) == 2
-    assert any(c["text"].strip() for c in body["candidates"])
-    assert body["best_index"] in (0, 1) and 2 <= body["tokens_generated"] <= 16
+    first = response.json()
+    assert first["policy"]["kind"] == "embedded" and len(first["candidates"]) == 2
+    assert any(c["text"].strip() for c in first["candidates"])
+    assert first["best_index"] in (0, 1) and 2 <= first["tokens_generated"] <= 16
+    assert first["reward_model"]["id"] == minilm.pk
+    # The same body again, with the rerank cache emptied so the MiniLM scores the candidates afresh.
+    cache.clear()
+    second = key_client.post(URL, body, format="json").json()
+    assert _stable(second) == _stable(first)

@@ -362,3 +362,46 @@ def test_a_failed_forward_pass_reaches_every_caller_and_the_batcher_keeps_going(
         assert batcher.score([[1, 2, 3], [1]]) == [3.0, 1.0]
     finally:
         batcher.stop()
+
+
+def test_a_pass_sorts_by_length_and_runs_forward_batches_of_the_set_size():
+    calls = []
+
+    def score_ids(sequences, *, batch_size):
+        calls.append(([len(ids) for ids in sequences], batch_size))
+        return [float(len(ids)) for ids in sequences]
+
+    batcher = serving.MicroBatcher(score_ids, window_ms=0, max_items=64, forward_batch=4)
+    try:
+        lengths = [7, 2, 9, 4, 1, 8]
+        assert batcher.score([[0] * n for n in lengths]) == [float(n) for n in lengths]
+    finally:
+        batcher.stop()
+    assert calls == [([1, 2, 4, 7, 8, 9], 4)]
+
+
+@pytest.mark.django_db
+def test_the_deployed_version_is_kept_per_process_and_a_deployment_replaces_it_at_once(
+        project, rerank_client, model_dirs, settings, django_assert_num_queries):
+    from django.utils import timezone
+
+    from rewards.models import RewardModel
+    from rewards.services import reward_model_deploy
+
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_DEPLOYMENT_TTL_SECONDS": 3600}
+    first = reward_model_register(project=project, path=model_dirs[0], deploy=True)
+    second = reward_model_register(project=project, path=model_dirs[1])
+    assert _post(rerank_client, project).json()["model"]["id"] == first.pk
+    # Another server process switching the rows directly is seen once the entry expires, not before.
+    RewardModel.objects.filter(pk=first.pk).update(is_deployed=False)
+    RewardModel.objects.filter(pk=second.pk).update(is_deployed=True, deployed_at=timezone.now())
+    with django_assert_num_queries(0):
+        assert serving.deployments.get(project_id=project.pk, load=lambda: None).pk == first.pk
+    assert _post(rerank_client, project).json()["model"]["id"] == first.pk
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_DEPLOYMENT_TTL_SECONDS": 0}
+    assert _post(rerank_client, project).json()["model"]["id"] == second.pk
+    # A deployment through the service is served by this process on its very next request, whatever the TTL.
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_DEPLOYMENT_TTL_SECONDS": 3600}
+    assert _post(rerank_client, project).json()["model"]["id"] == second.pk
+    reward_model_deploy(reward_model=first)
+    assert _post(rerank_client, project).json()["model"]["id"] == first.pk

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from labeling.models import Project
+from rewards.models import RewardModel
+
 # Bad lines listed in the report; the count covers all of them.
 MAX_ERRORS_SHOWN = 20
 
@@ -18,21 +21,44 @@ def resolve_model_folder(target: str) -> Path:
     return path
 
 
+def resolve_reward_model(model_id: int, *, project_slug: str | None) -> RewardModel:
+    """A registered reward model by id; with `project_slug`, it must be one of that project's versions."""
+    project = None
+    if project_slug is not None:
+        project = Project.objects.filter(slug=project_slug).first()
+        if project is None:
+            raise CommandError(f"No project with slug '{project_slug}'.")
+    model = RewardModel.objects.select_related("project").filter(pk=model_id).first()
+    if model is None:
+        raise CommandError(f"No reward model with id {model_id}.")
+    if project is not None and model.project_id != project.pk:
+        raise CommandError(f"Reward model {model_id} belongs to project '{model.project.slug}', not "
+                           f"'{project.slug}'.")
+    if not (Path(model.artifact_path) / "config.json").exists():
+        raise CommandError(f"The files of reward model {model_id} (version {model.version} of "
+                           f"'{model.project.slug}') are gone: {model.artifact_path} has no config.json.")
+    return model
+
+
 class Command(BaseCommand):
     help = ("Scores every pair of a JSONL preference file with a reward model and prints pairwise accuracy, "
             "mean margin and accuracy by prompt length as one JSON object on the last line.")
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("model", help="Folder of a saved reward model.")
+        parser.add_argument("model", help="A registered reward model's id (VERSION_ID, as in /api/v1/reward-models/) "
+                                          "or the folder of a saved reward model (PATH); write a folder named "
+                                          "with digits only as ./NAME.")
         parser.add_argument("file", help="JSONL preference file.")
         parser.add_argument("--format", choices=("hh", "trl"), required=True,
                             help="hh: HH-RLHF transcripts; trl: TRL preference rows.")
         parser.add_argument("--batch-size", type=int, default=16)
         parser.add_argument("--limit", type=int, default=None, help="Evaluate at most this many pairs.")
         parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+        parser.add_argument("--project", default=None,
+                            help="Project slug a VERSION_ID must belong to (checked, so a wrong id is an error).")
 
     def handle(self, *args, model: str, file: str, format: str, batch_size: int, limit: int | None,
-               device: str | None, **options) -> None:
+               device: str | None, project: str | None = None, **options) -> None:
         from rewards.scoring import RewardScorer, evaluate_preferences
         from rewards.training.data import read_preference_file
 
@@ -40,7 +66,14 @@ class Command(BaseCommand):
             raise CommandError("--batch-size must be at least 1.")
         if limit is not None and limit < 1:
             raise CommandError("--limit must be at least 1.")
-        folder = resolve_model_folder(model)
+        registered = None
+        if model.isdigit():
+            registered = resolve_reward_model(int(model), project_slug=project)
+            folder = Path(registered.artifact_path)
+        elif project is not None:
+            raise CommandError("--project checks a VERSION_ID; a PATH is evaluated as it is.")
+        else:
+            folder = resolve_model_folder(model)
         data = Path(file)
         if not data.is_file():
             raise CommandError(f"{file} does not exist.")
@@ -56,4 +89,7 @@ class Command(BaseCommand):
         report.update({"model": str(folder), "file": str(data), "format": format, "bad_lines": len(errors),
                        "errors": errors[:MAX_ERRORS_SHOWN], "max_length": scorer.format.max_length,
                        "template": scorer.format.template, "device": scorer.device})
+        if registered is not None:
+            report["reward_model"] = {"id": registered.pk, "version": registered.version,
+                                      "project": registered.project.slug}
         self.stdout.write(json.dumps(report, sort_keys=True))
