@@ -1,4 +1,5 @@
-"""Manager dashboard pages: projects overview, a project's statistics, import/export, members and guidelines."""
+"""Manager dashboard pages: projects overview, a project's statistics, reranking and its API keys, import/export,
+members and guidelines."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,13 +13,15 @@ from django.core.exceptions import PermissionDenied
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.cache import patch_cache_control
 from django.views import View
 
 from labeling import exports, imports, selectors, services, stats
 from labeling.errors import DomainError, Forbidden, NotFound, error_body
-from labeling.models import Membership, Project
+from labeling.models import ApiToken, Membership, Project
 from labeling.views import _first_form_error
-from rewards.selectors import reward_model_deployed
+from rewards.selectors import rerank_usage, reward_model_deployed
 
 # Which of a reward model's evaluation metrics the overview shows as its held-out accuracy.
 HELD_OUT_ACCURACY_KEY = "eval_accuracy"
@@ -48,6 +51,10 @@ class MemberRemoveForm(forms.Form):
     username = forms.CharField(max_length=150)
 
 
+class ApiKeyCreateForm(forms.Form):
+    name = forms.CharField(required=False, max_length=100)
+
+
 class GuidelinesForm(forms.Form):
     guidelines = forms.CharField(required=False, max_length=100_000, widget=forms.Textarea)
 
@@ -68,6 +75,8 @@ def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
         "import_formats": imports.FORMATS,
         "export_formats": exports.FORMATS,
         "reward_model": reward_model_deployed(project=project),
+        "rerank": rerank_usage(project=project),
+        "api_keys": selectors.api_key_list(project=project),
         "outlier_rule": {
             "min_labels": selectors.OUTLIER_MIN_LABELS, "left_band": selectors.OUTLIER_LEFT_SHARE_BAND,
             "gold_min": selectors.OUTLIER_GOLD_ACCURACY_MIN, "seconds_min": selectors.OUTLIER_MEDIAN_SECONDS_MIN,
@@ -122,6 +131,61 @@ class ProjectChartsView(LoginRequiredMixin, View):
             "agreement_by_labeler": stats.labeler_agreement(project=project)["per_labeler"],
         }
         return JsonResponse(data, encoder=DjangoJSONEncoder)
+
+
+class ProjectRerankView(LoginRequiredMixin, View):
+    """The numbers behind the project page's reranking chart and table, straight from rewards.selectors."""
+
+    def get(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        raw_minutes = request.GET.get("minutes", "60")
+        try:
+            usage = rerank_usage(project=project, minutes=int(raw_minutes))
+        except ValueError:
+            return JsonResponse(error_body(message="minutes must be a whole number.", code="invalid",
+                                           field="minutes"), status=400)
+        except DomainError as exc:
+            return JsonResponse(error_body(message=exc.message, code=exc.code, field=exc.field),
+                                status=exc.status_code)
+        return JsonResponse(usage, encoder=DjangoJSONEncoder)
+
+
+def _api_keys_panel(request: HttpRequest, project: Project, *, status: int = 200, **extra: Any) -> HttpResponse:
+    """The API keys panel alone for htmx, else the whole project page with the panel in the same state."""
+    if request.headers.get("HX-Request") == "true":
+        context = {"project": project, "api_keys": selectors.api_key_list(project=project), **extra}
+        response = render(request, "labeling/dashboard/_api_keys.html", context, status=status)
+    else:
+        response = _project_page(request, project, status=status, **extra)
+    # A new key is in the body: it must not be kept by a browser or proxy cache.
+    patch_cache_control(response, no_store=True)
+    return response
+
+
+class ApiKeyCreateView(LoginRequiredMixin, View):
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        form = ApiKeyCreateForm(request.POST)
+        if not form.is_valid():
+            field, message = _first_form_error(form)
+            return _api_keys_panel(request, project, status=400, key_error=message, key_error_field=field)
+        token, key = services.api_token_create(user=request.user, project=project, scope=ApiToken.Scope.RERANK,
+                                               name=form.cleaned_data["name"].strip())
+        return _api_keys_panel(request, project, status=201, new_key=key, new_token=token)
+
+
+class ApiKeyRevokeView(LoginRequiredMixin, View):
+    def post(self, request: HttpRequest, slug: str, prefix: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        try:
+            token = services.api_token_revoke(token=selectors.api_key_get(project=project, prefix=prefix))
+        except DomainError as exc:
+            return _api_keys_panel(request, project, status=exc.status_code, key_error=exc.message,
+                                   key_error_field=exc.field)
+        if request.headers.get("HX-Request") == "true":
+            return _api_keys_panel(request, project, revoked=token)
+        messages.success(request, f"The key {token.prefix}… is revoked.")
+        return redirect(reverse("dashboard:project", kwargs={"slug": project.slug}) + "#api-keys")
 
 
 class ProjectImportView(LoginRequiredMixin, View):

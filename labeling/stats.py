@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 from functools import reduce
-from itertools import combinations, groupby
+from itertools import chain, groupby
 from operator import or_
 from typing import Any
 
@@ -14,7 +13,7 @@ import krippendorff
 import numpy as np
 from django.contrib.auth import get_user_model
 from django.db import connection
-from django.db.models import Aggregate, Count, F, FloatField, Q
+from django.db.models import Aggregate, Case, Count, F, FloatField, IntegerField, Q, Value, When
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
@@ -76,30 +75,34 @@ def pair_counts(*, project: Project) -> dict[str, int]:
     return counts
 
 
-def comparison_counts(*, project: Project) -> dict[str, int]:
-    return Comparison.objects.filter(pair__project=project).aggregate(
+def _comparison_totals(*, project: Project) -> tuple[dict[str, int], dict[str, int]]:
+    """Comparison counts and the choice distribution in one pass over the project's comparisons."""
+    row = Comparison.objects.filter(pair__project=project).aggregate(
         total=Count("id"),
         human=Count("id", filter=Q(source=Comparison.Source.LABEL)),
         imported=Count("id", filter=Q(source=Comparison.Source.IMPORT)),
+        **{f"choice_{choice}": Count("id", filter=Q(choice=choice)) for choice in CHOICES},
     )
+    return ({key: row[key] for key in ("total", "human", "imported")},
+            {choice: row[f"choice_{choice}"] for choice in CHOICES})
+
+
+def comparison_counts(*, project: Project) -> dict[str, int]:
+    return _comparison_totals(project=project)[0]
 
 
 def choice_distribution(*, project: Project) -> dict[str, int]:
     """How often each choice was made, over human and imported comparisons, in the pair's A/B frame."""
-    return Comparison.objects.filter(pair__project=project).aggregate(
-        **{choice: Count("id", filter=Q(choice=choice)) for choice in CHOICES}
-    )
+    return _comparison_totals(project=project)[1]
 
 
 # --- labelers -------------------------------------------------------------------------------------------
 
 
 def _median_ms_by_labeler(*, project: Project) -> dict[int, float]:
+    # SQLite has no median aggregate: stream the times sorted per labeler instead (local development only;
+    # PostgreSQL computes the median in labeler_activity's own query).
     comparisons = _human(project).filter(time_ms__isnull=False)
-    if connection.vendor == "postgresql":
-        rows = comparisons.values("labeler_id").annotate(median=_Median("time_ms")).values_list("labeler_id", "median")
-        return {labeler_id: float(median) for labeler_id, median in rows}
-    # SQLite has no median aggregate: stream the times sorted per labeler instead (local development only).
     rows = comparisons.order_by("labeler_id").values_list("labeler_id", "time_ms").iterator(chunk_size=5000)
     return {labeler_id: float(statistics.median(ms for _, ms in group))
             for labeler_id, group in groupby(rows, key=lambda row: row[0])}
@@ -109,8 +112,10 @@ def labeler_activity(*, project: Project) -> list[dict[str, Any]]:
     """Per labeler of human comparisons: how many, median seconds per comparison (of those that carry a time),
     the share of left-side picks among the comparisons that picked a side as the labeler saw it (0.5 is no
     position bias), and the tie and both-bad rates."""
+    # Grouped by the labeler id alone, and named afterwards: with the username in the group key the rows to sort
+    # for the median were wide enough to spill to disk on large projects.
     rows = (
-        _human(project).values("labeler_id", "labeler__username")
+        _human(project).values("labeler_id")
         .annotate(
             comparisons=Count("id"),
             sided=Count("id", filter=Q(choice__in=DECISIVE)),
@@ -118,14 +123,21 @@ def labeler_activity(*, project: Project) -> list[dict[str, Any]]:
             ties=Count("id", filter=Q(choice=Choice.TIE)),
             both_bad=Count("id", filter=Q(choice=Choice.BOTH_BAD)),
         )
-        .order_by("labeler__username")
+        .order_by()
     )
-    medians = _median_ms_by_labeler(project=project)
+    postgres = connection.vendor == "postgresql"
+    if postgres:
+        # In the same pass: a second query for the medians cost another scan of the project's comparisons.
+        rows = rows.annotate(median_ms=_Median("time_ms"))
+    medians = {} if postgres else _median_ms_by_labeler(project=project)
+    rows = list(rows)
+    usernames = dict(get_user_model().objects.filter(pk__in=[row["labeler_id"] for row in rows])
+                     .values_list("pk", "username"))
     result = []
-    for row in rows:
-        median_ms = medians.get(row["labeler_id"])
+    for row in sorted(rows, key=lambda row: usernames[row["labeler_id"]]):
+        median_ms = row["median_ms"] if postgres else medians.get(row["labeler_id"])
         result.append({
-            "labeler": _labeler_ref(row["labeler_id"], row["labeler__username"]),
+            "labeler": _labeler_ref(row["labeler_id"], usernames[row["labeler_id"]]),
             "comparisons": row["comparisons"],
             "median_seconds": median_ms / 1000 if median_ms is not None else None,
             "left_share": _share(row["left"], row["sided"]),
@@ -155,11 +167,14 @@ def comparison_throughput_hourly(*, project: Project, hours: int = THROUGHPUT_DE
 # --- agreement ------------------------------------------------------------------------------------------
 
 
-def _agreement_summary(per_pair: list[tuple[float, bool]]) -> dict[str, Any]:
+def _agreement_summary(agreeing: np.ndarray, unanimous: np.ndarray) -> dict[str, Any]:
+    """Over pairs: the mean share of agreeing label pairs (fsum, exactly rounded) and the share of unanimous
+    pairs."""
+    pairs = len(agreeing)
     return {
-        "pairs": len(per_pair),
-        "percent_agreement": statistics.fmean(a for a, _ in per_pair) if per_pair else None,
-        "unanimous_share": _share(sum(1 for _, unanimous in per_pair if unanimous), len(per_pair)),
+        "pairs": pairs,
+        "percent_agreement": math.fsum(agreeing.tolist()) / pairs if pairs else None,
+        "unanimous_share": _share(int(unanimous.sum()), pairs),
     }
 
 
@@ -167,7 +182,7 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _krippendorff_alpha(value_counts: list[list[int]]) -> float | None:
+def _krippendorff_alpha(value_counts: np.ndarray) -> float | None:
     matrix = np.asarray(value_counts, dtype=float).reshape(-1, len(CHOICES))
     # With a single value ever used there is no expected disagreement and alpha is undefined.
     if np.count_nonzero(matrix.sum(axis=0)) < 2:
@@ -199,45 +214,67 @@ def labeler_agreement(*, project: Project) -> dict[str, Any]:
     all four choices; Cohen's kappa is given for every two labelers who share pairs, and on its own when
     exactly two labelers overlap. A labeler's agreement is the share of the other labels on their pairs that
     match theirs."""
-    multi = (_human(project).values("pair_id").annotate(n=Count("id")).filter(n__gte=2).values("pair_id"))
-    rows = (
-        Comparison.objects.filter(source=Comparison.Source.LABEL, pair_id__in=multi)
-        .order_by("pair_id", "labeler_id").values_list("pair_id", "labeler_id", "choice").iterator(chunk_size=5000)
-    )
-    with_ties: list[tuple[float, bool]] = []
-    without_ties: list[tuple[float, bool]] = []
-    value_counts: list[list[int]] = []
-    matches: Counter[int] = Counter()
-    others: Counter[int] = Counter()
-    shared_pairs: Counter[int] = Counter()
-    # (first labeler, second labeler, first's choice index, second's choice index) -> pairs
-    overlaps: Counter[tuple[int, int, int, int]] = Counter()
-    labels = 0
-    for _, group in groupby(rows, key=lambda row: row[0]):
-        votes = [(labeler_id, CHOICE_INDEX[choice]) for _, labeler_id, choice in group]
-        n = len(votes)
-        labels += n
-        counts = Counter(choice for _, choice in votes)
-        value_counts.append([counts[index] for index in range(len(CHOICES))])
-        agreeing = sum(c * (c - 1) for c in counts.values()) / (n * (n - 1))
-        unanimous = len(counts) == 1
-        with_ties.append((agreeing, unanimous))
-        if set(counts) <= DECISIVE_INDEXES:
-            without_ties.append((agreeing, unanimous))
-        for labeler_id, choice in votes:
-            matches[labeler_id] += counts[choice] - 1
-            others[labeler_id] += n - 1
-            shared_pairs[labeler_id] += 1
-        # Votes are sorted by labeler id, so each two labelers always land under the same (low, high) key.
-        overlaps.update((first_id, second_id, first, second)
-                        for (first_id, first), (second_id, second) in combinations(votes, 2))
+    # One fetch of the project's human labels, then array arithmetic: looping over 100k labels in Python took
+    # seconds, and the same numbers as SQL aggregates cost a self-join; both made the dashboard pages slow.
+    # The rows are read with a plain cursor as whole numbers (the choice as its index), straight into an array.
+    query = _human(project).annotate(choice_index=Case(
+        *(When(choice=choice, then=Value(index)) for choice, index in CHOICE_INDEX.items()),
+        output_field=IntegerField(),
+    )).values_list("pair_id", "labeler_id", "choice_index")
+    with connection.cursor() as cursor:
+        cursor.execute(*query.query.sql_with_params())
+        fetched = cursor.fetchall()
+    columns = np.fromiter(chain.from_iterable(fetched), dtype=np.int64, count=3 * len(fetched)).reshape(-1, 3)
+    pair, choice = columns[:, 0], columns[:, 2]
+    labeler_keys, labeler = np.unique(columns[:, 1], return_inverse=True)
+    order = np.lexsort((labeler, pair))  # by pair, then by labeler id
+    pair, labeler, choice = pair[order], labeler[order], choice[order]
+
+    # Groups of labels per pair; only pairs with two or more labels take part.
+    starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(pair) else np.zeros(0, dtype=np.int64)
+    sizes = np.diff(np.r_[starts, len(pair)])
+    group = np.repeat(np.arange(len(starts)), sizes)
+    counts = np.bincount(group * len(CHOICES) + choice, minlength=len(starts) * len(CHOICES)).reshape(
+        -1, len(CHOICES))
+    multi = sizes >= 2
+    value_counts, n = counts[multi], sizes[multi]
+    agreeing = (value_counts * (value_counts - 1)).sum(axis=1) / (n * (n - 1))
+    unanimous = value_counts.max(axis=1, initial=0) == n
+    decisive = value_counts[:, [i for i in range(len(CHOICES)) if i not in DECISIVE_INDEXES]].sum(axis=1) == 0
+    with_ties = _agreement_summary(agreeing, unanimous)
+    without_ties = _agreement_summary(agreeing[decisive], unanimous[decisive])
+
+    # A labeler's agreement: the other labels on their pairs that match theirs, over all other labels there.
+    in_multi = multi[group]
+    row_labeler = labeler[in_multi]
+    same = counts[group[in_multi], choice[in_multi]] - 1
+    others_per_row = sizes[group[in_multi]] - 1
+    shared = np.bincount(row_labeler, minlength=len(labeler_keys))
+    matches = np.bincount(row_labeler, weights=same, minlength=len(labeler_keys))
+    others = np.bincount(row_labeler, weights=others_per_row, minlength=len(labeler_keys))
+
+    # Contingency tables of every two labelers on the pairs they share: within a pair the labels are sorted by
+    # labeler id, so label i and label i + d of the same pair always give the (lower id, higher id) couple.
+    width = len(CHOICES)
+    keys = []
+    for offset in range(1, int(sizes.max(initial=1))):
+        same_pair = pair[:-offset] == pair[offset:]
+        first, second = labeler[:-offset][same_pair], labeler[offset:][same_pair]
+        keys.append(((first * len(labeler_keys) + second) * width + choice[:-offset][same_pair]) * width
+                    + choice[offset:][same_pair])
+    overlap_keys, overlap_counts = np.unique(np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64),
+                                             return_counts=True)
+    couple_keys = overlap_keys // (width * width)
+    couple_list, couple_index = np.unique(couple_keys, return_inverse=True)
+    tables = np.zeros((len(couple_list), width, width))
+    tables[couple_index, (overlap_keys // width) % width, overlap_keys % width] = overlap_counts
+    couples = [(int(labeler_keys[key // len(labeler_keys)]), int(labeler_keys[key % len(labeler_keys)]))
+               for key in couple_list.tolist()]
+    shared_pairs = {int(labeler_keys[i]): int(shared[i]) for i in np.flatnonzero(shared).tolist()}
+    labels = int(shared.sum())
 
     usernames = dict(get_user_model().objects.filter(pk__in=list(shared_pairs)).values_list("pk", "username"))
-    couples = sorted({(first_id, second_id) for first_id, second_id, _, _ in overlaps})
-    couple_index = {couple: i for i, couple in enumerate(couples)}
-    tables = np.zeros((len(couples), len(CHOICES), len(CHOICES)))
-    for (first_id, second_id, first, second), count in overlaps.items():
-        tables[couple_index[(first_id, second_id)], first, second] = count
+    index_of = {int(labeler_id): i for i, labeler_id in enumerate(labeler_keys.tolist())}
     pairwise = [
         {
             "labeler_a": _labeler_ref(first_id, usernames[first_id]),
@@ -251,16 +288,16 @@ def labeler_agreement(*, project: Project) -> dict[str, Any]:
         {
             "labeler": _labeler_ref(labeler_id, usernames[labeler_id]),
             "pairs": shared_pairs[labeler_id],
-            "agreement": _share(matches[labeler_id], others[labeler_id]),
+            "agreement": _share(int(matches[index_of[labeler_id]]), int(others[index_of[labeler_id]])),
         }
         for labeler_id in sorted(shared_pairs, key=lambda pk: usernames[pk])
     ]
     return {
         "labels": labels,
         "labelers": len(shared_pairs),
-        "with_ties": _agreement_summary(with_ties),
-        "without_ties": _agreement_summary(without_ties),
-        "krippendorff_alpha": _krippendorff_alpha(value_counts) if value_counts else None,
+        "with_ties": with_ties,
+        "without_ties": without_ties,
+        "krippendorff_alpha": _krippendorff_alpha(value_counts) if len(value_counts) else None,
         "cohen_kappa": pairwise[0]["kappa"] if len(pairwise) == 1 else None,
         "pairwise_kappa": pairwise,
         "per_labeler": per_labeler,
@@ -301,12 +338,13 @@ def project_stats(*, project: Project, hours: int = THROUGHPUT_DEFAULT_HOURS,
                   now: datetime | None = None) -> dict[str, Any]:
     """All of the project's statistics in one plain dict (a fixed number of queries, whatever the size)."""
     now = now or timezone.now()
+    comparisons, choices = _comparison_totals(project=project)
     return {
         "project": project.slug,
         "generated_at": now,
         "pairs": pair_counts(project=project),
-        "comparisons": comparison_counts(project=project),
-        "choices": choice_distribution(project=project),
+        "comparisons": comparisons,
+        "choices": choices,
         "labelers": labeler_activity(project=project),
         "throughput": {"hours": hours,
                        "buckets": comparison_throughput_hourly(project=project, hours=hours, now=now)},

@@ -87,6 +87,24 @@
     }).catch(function (error) { console.warn("charts unavailable:", error); });
   }
 
+  function rerankChart(container) {
+    getJSON(container.getAttribute("data-rerank-url")).then(function (data) {
+      function line(label, key, color) {
+        return {label: label, borderColor: color, backgroundColor: color, tension: 0.2,
+                data: data.series.map(function (p) { return p[key]; })};
+      }
+      draw("chart-rerank", {
+        type: "line",
+        data: {
+          labels: data.series.map(function (p) { return p.minute.slice(11, 16); }),
+          datasets: [line("Requests", "requests", PALETTE[0]), line("Cache hits", "cache_hits", PALETTE[2]),
+                     line("Errors", "errors", PALETTE[1])]
+        },
+        options: {scales: {y: {beginAtZero: true, ticks: {precision: 0}}}}
+      });
+    }).catch(function (error) { console.warn("charts unavailable:", error); });
+  }
+
   function seriesDatasets(series) {
     return Object.keys(series).map(function (name, index) {
       var color = PALETTE[index % PALETTE.length];
@@ -108,6 +126,8 @@
     document.querySelectorAll("table[data-sortable]").forEach(initSortable);
     var project = document.getElementById("dashboard-charts");
     if (project) { projectCharts(project); }
+    var rerank = document.getElementById("rerank-charts");
+    if (rerank) { rerankChart(rerank); }
     var run = document.getElementById("run-charts");
     if (run) { runCharts(run); }
   });
