@@ -64,6 +64,9 @@ def project_create(*, name: str, slug: str, created_by: AbstractBaseUser | None 
                    labels_per_pair: int = 1, allow_tie: bool = True, allow_both_bad: bool = True,
                    strength_scale: str = Project.StrengthScale.NONE, gold_rate: float = 0.0) -> Project:
     _validate_project_settings(labels_per_pair=labels_per_pair, gold_rate=gold_rate)
+    if slug == "create":
+        # /projects/create/ is the create operation itself; a project of that name could never be reached.
+        raise DomainError("The slug 'create' is reserved.", field="slug", code="reserved")
     if Project.objects.filter(slug=slug).exists():
         raise Conflict(f"A project with slug '{slug}' already exists.", field="slug")
     project = Project.objects.create(
@@ -215,9 +218,12 @@ def _has_free_slot(*, pair: Pair, labeler: AbstractBaseUser, now) -> bool:
 
 
 def _grant(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease:
-    lease, _ = Lease.objects.update_or_create(
-        pair=pair, labeler=labeler,
-        defaults={"swapped": random.random() < 0.5, "expires_at": now + timedelta(seconds=_lease_seconds())},
+    # One upsert instead of update_or_create's savepoints, SELECT and INSERT: this runs on every assignment. A row
+    # that exists here is an expired lease of this labeler (held and skipped ones never reach the candidates).
+    (lease,) = Lease.objects.bulk_create(
+        [Lease(pair=pair, labeler=labeler, swapped=random.random() < 0.5,
+               expires_at=now + timedelta(seconds=_lease_seconds()))],
+        update_conflicts=True, unique_fields=["pair", "labeler"], update_fields=["swapped", "expires_at"],
     )
     return lease
 
@@ -281,7 +287,7 @@ def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
         .filter(project=project, status=Pair.Status.OPEN, gold_choice__isnull=True)
         .exclude(Exists(labeled_by_me))
         .exclude(Exists(skipped_by_me))
-        .annotate(active_leases=_active_leases(now=now))
+        .alias(active_leases=_active_leases(now=now))
         .filter(label_count__lt=Value(project.labels_per_pair) - F("active_leases"))
         .order_by("-priority", "id")
     )
@@ -364,12 +370,14 @@ def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice:
     pair = Pair.objects.select_for_update(of=("self",)).select_related("project").filter(pk=pair_id).first()
     if pair is None:
         raise NotFound(f"Pair {pair_id} does not exist.", field="pair")
-    existing = Comparison.objects.filter(pair=pair, labeler=labeler).first()
-    if existing is not None:
-        return _same_or_conflict(existing=existing, frame_choice=frame_choice, strength=strength,
-                                 rationale=rationale, flags=flags)
+    # Submitting deletes the lease, so a held lease means no comparison yet (and the unique constraint would
+    # refuse a second one); only without a lease is a stored comparison looked for, for a repeated request.
     lease = Lease.objects.filter(pair=pair, labeler=labeler, skipped=False).first()
     if lease is None:
+        existing = Comparison.objects.filter(pair=pair, labeler=labeler).first()
+        if existing is not None:
+            return _same_or_conflict(existing=existing, frame_choice=frame_choice, strength=strength,
+                                     rationale=rationale, flags=flags)
         raise Conflict("This pair is not leased to you; ask the queue for a pair first.", field="pair",
                        code="not_leased")
     now = timezone.now()
@@ -384,10 +392,12 @@ def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice:
         pair=pair, labeler=labeler, source=Comparison.Source.LABEL, choice=choice, strength=strength,
         rationale=rationale, flags=flags, swapped=lease.swapped, time_ms=time_ms,
     )
-    pair.label_count = F("label_count") + 1
-    pair.save(update_fields=["label_count"])
-    pair.refresh_from_db(fields=["label_count"])
+    # The pair's row is locked, so its count is current: one UPDATE writes the new count and, when this label
+    # completes the pair, its status.
+    pair.label_count += 1
+    changes: dict[str, Any] = {"label_count": pair.label_count}
     if not pair.is_gold and pair.label_count >= pair.project.labels_per_pair:
-        Pair.objects.filter(pk=pair.pk).update(status=Pair.Status.COMPLETE)
+        changes["status"] = pair.status = Pair.Status.COMPLETE
+    Pair.objects.filter(pk=pair.pk).update(**changes)
     lease.delete()
     return SubmitResult(comparison=comparison, created=True)

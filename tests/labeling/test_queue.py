@@ -281,3 +281,27 @@ def test_a_skipped_pair_goes_to_others_but_not_back_to_the_skipper(project, labe
         services.comparison_submit(labeler=labeler, pair_id=first.pk, choice="left")
     with pytest.raises(DomainError):
         services.lease_release(project=project, labeler=labeler, pair_id=first.pk)
+
+
+@pytest.mark.django_db
+def test_next_and_submit_over_the_api_run_a_fixed_small_number_of_statements(project, labeler,
+                                                                            django_assert_max_num_queries):
+    # The labeling loop is the service's busiest path: its cost per request is mostly the statements it runs.
+    PairFactory.create_batch(3, project=project)
+    client = client_for(labeler)
+    first = client.get(f"/api/v1/projects/{project.slug}/next/").json()
+    client.post("/api/v1/comparisons/", {"pair": first["pair"], "choice": "left"}, format="json")
+
+    # Token, project, role; held lease, candidate, free-slot count, lease upsert; savepoint and release; the
+    # assignment's prompt and responses.
+    with django_assert_max_num_queries(10):
+        assignment = client.get(f"/api/v1/projects/{project.slug}/next/")
+    assert assignment.status_code == 200 and assignment.json()["left"] and assignment.json()["prompt"]
+    # Token, pair, role; locked pair, lease, comparison insert, pair update, lease delete; savepoint and release.
+    with django_assert_max_num_queries(10):
+        submitted = client.post("/api/v1/comparisons/", {"pair": assignment.json()["pair"], "choice": "right"},
+                                format="json")
+    assert submitted.status_code == 201
+    pair = Pair.objects.get(pk=assignment.json()["pair"])
+    assert pair.label_count == 1 and pair.status == Pair.Status.COMPLETE
+    assert not Lease.objects.filter(pair=pair).exists()
