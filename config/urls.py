@@ -17,3 +17,6 @@ urlpatterns = [
     path("dashboard/", include("labeling.dashboard_urls")),
     path("", include("labeling.page_urls")),
 ]
+
+# URLs under /api/ that match no route answer with the JSON error body, like the API itself.
+handler404 = "labeling.errors.page_not_found"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from django.contrib.auth import authenticate, get_user_model
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -24,6 +24,21 @@ class ErrorSerializer(serializers.Serializer):
 
 
 ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 409)}
+
+
+def _path_name(name: str, *, reserved: str, pattern: str, description: str) -> OpenApiParameter:
+    """A path parameter that can never be `reserved`: that value routes to the sibling URL of the same name."""
+    return OpenApiParameter(name, {"type": "string", "pattern": pattern, "not": {"enum": [reserved]}},
+                            OpenApiParameter.PATH, description=description)
+
+
+# /projects/create/ and /projects/{slug}/members/set/ are operations of their own, so neither name reaches the
+# operations on a project or a member; project_create refuses the slug "create".
+PROJECT_SLUG = _path_name("slug", reserved="create", pattern=r"^[-a-zA-Z0-9_]+$", description="The project's slug.")
+MEMBER_USERNAME = _path_name("username", reserved="set", pattern=r"^[^/]+$",
+                             description="The member's username (a member named 'set' is removed in the admin).")
+# What the reserved name gets instead: the sibling operation does not take this method.
+RESERVED_NAME = {405: OpenApiResponse(ErrorSerializer, description="The path names the sibling operation.")}
 
 
 def _prompt_field() -> serializers.JSONField:
@@ -68,7 +83,7 @@ class AuthTokenCreateApi(APIView):
     class InputSerializer(serializers.Serializer):
         username = serializers.CharField()
         password = serializers.CharField(style={"input_type": "password"})
-        name = serializers.CharField(required=False, allow_blank=True, default="")
+        name = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
 
     class OutputSerializer(serializers.Serializer):
         token = serializers.CharField(help_text="Shown once; send it as 'Authorization: Bearer TOKEN'.")
@@ -88,7 +103,7 @@ class AuthTokenCreateApi(APIView):
 
 
 class ProjectListApi(APIView):
-    @extend_schema(responses={200: ProjectOutput(many=True)})
+    @extend_schema(responses={200: ProjectOutput(many=True), **ERRORS})
     def get(self, request):
         projects = selectors.project_list_for_user(user=request.user)
         return Response(ProjectOutput(projects, many=True).data)
@@ -126,12 +141,13 @@ class ProjectDetailApi(APIView):
         strength_scale = serializers.ChoiceField(choices=Project.StrengthScale.choices, required=False)
         gold_rate = serializers.FloatField(min_value=0.0, max_value=1.0, required=False)
 
-    @extend_schema(responses={200: ProjectOutput, **ERRORS})
+    @extend_schema(parameters=[PROJECT_SLUG], responses={200: ProjectOutput, **ERRORS, **RESERVED_NAME})
     def get(self, request, slug: str):
         project = selectors.project_get_for_user(slug=slug, user=request.user)
         return Response(ProjectOutput(project).data)
 
-    @extend_schema(request=UpdateSerializer, responses={200: ProjectOutput, **ERRORS})
+    @extend_schema(parameters=[PROJECT_SLUG], request=UpdateSerializer,
+                   responses={200: ProjectOutput, **ERRORS, **RESERVED_NAME})
     def patch(self, request, slug: str):
         project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
         data = self.UpdateSerializer(data=request.data)
@@ -174,7 +190,7 @@ class MembershipSetApi(APIView):
 
 
 class MembershipDeleteApi(APIView):
-    @extend_schema(responses={204: None, **ERRORS})
+    @extend_schema(parameters=[MEMBER_USERNAME], responses={204: None, **ERRORS, **RESERVED_NAME})
     def delete(self, request, slug: str, username: str):
         project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
         user = get_user_model().objects.filter(username=username).first()
@@ -189,8 +205,8 @@ class PairCreateApi(APIView):
         prompt = _prompt_field()
         response_a = serializers.CharField(trim_whitespace=False)
         response_b = serializers.CharField(trim_whitespace=False)
-        model_a = serializers.CharField(required=False, allow_blank=True, default="")
-        model_b = serializers.CharField(required=False, allow_blank=True, default="")
+        model_a = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
+        model_b = serializers.CharField(required=False, allow_blank=True, default="", max_length=200)
         priority = serializers.IntegerField(default=0, min_value=-(2**31), max_value=2**31 - 1)
         gold_choice = serializers.ChoiceField(choices=Comparison.Choice.choices, required=False, allow_null=True,
                                               default=None)
@@ -264,8 +280,10 @@ class ComparisonSubmitApi(APIView):
         pair = Pair.objects.select_related("project").filter(pk=values["pair"]).first()
         if pair is None:
             raise NotFound(f"Pair {values['pair']} does not exist.", field="pair")
-        # Membership, not just a lease, is required: a removed member's leases are void.
-        selectors.project_get_for_user(slug=pair.project.slug, user=request.user)
+        # Membership, not just a lease, is required: a removed member's leases are void. To anyone else the pair
+        # is missing like an unknown id, so the answer does not name the project it belongs to.
+        if selectors.project_role(project=pair.project, user=request.user) is None:
+            raise NotFound(f"Pair {values['pair']} does not exist.", field="pair")
         result = services.comparison_submit(labeler=request.user, pair_id=values.pop("pair"), **values)
         return Response(ComparisonOutput(result.comparison).data,
                         status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

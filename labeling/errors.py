@@ -1,13 +1,21 @@
 """The one domain error type and the one place that turns every API error into a JSON body."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404
+from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
+
+logger = logging.getLogger(__name__)
 
 
 class DomainError(Exception):
@@ -47,7 +55,8 @@ def _first_field_error(detail: Any, prefix: str = "") -> tuple[str | None, str]:
     """The first (field path, message) in a DRF validation detail, for the top-level summary."""
     if isinstance(detail, dict):
         for key, value in detail.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
+            # A ListField's errors are keyed by item index: `candidates[0]`, as the services name items.
+            path = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}" if prefix else str(key)
             field, message = _first_field_error(value, path)
             return (None if key == "non_field_errors" and not prefix else field), message
     if isinstance(detail, list) and detail:
@@ -72,6 +81,20 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, DomainError):
         return Response(error_body(message=exc.message, code=exc.code, field=exc.field, extra=exc.extra),
                         status=exc.status_code)
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        # The database went away (restart, failover, network): the service's transaction was rolled back, so
+        # the client may retry; Django drops the broken connection when the request ends and the next request
+        # opens a fresh one. A clean 503 instead of an HTML 500 tells clients and load balancers just that.
+        logger.warning("database unavailable: %s", exc)
+        set_rollback()
+        return Response(error_body(message="The database is unreachable right now; try again in a moment.",
+                                   code="database_unavailable"),
+                        status=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"})
+    if isinstance(exc, RequestDataTooBig):
+        # Django refuses a body over DATA_UPLOAD_MAX_MEMORY_SIZE before reading it; left alone it is an HTML 400.
+        return Response(error_body(message=f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} "
+                                           "bytes.", code="too_large"),
+                        status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "Not found.")
     elif isinstance(exc, DjangoPermissionDenied):
@@ -88,3 +111,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         code = codes if isinstance(codes, str) else "error"
         response.data = error_body(message=str(exc.detail), code=code)
     return response
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's 404 for a URL no route matches: under /api/ the JSON error body every API answer uses (a client
+    that sends an id with a slash in it, or a misspelt path, gets JSON too), elsewhere Django's page."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body(message="Not found.", code="not_found"), status=status.HTTP_404_NOT_FOUND)
+    return defaults.page_not_found(request, exception)

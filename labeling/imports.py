@@ -86,6 +86,22 @@ class ImportReport:
 # --- reading lines ---------------------------------------------------------------------------------------
 
 
+# Leading bytes of compressed files. Imports read plain JSONL only, so an archive is refused before anything is
+# written instead of being reported as thousands of lines of binary noise (and is never decompressed).
+_ARCHIVE_MAGIC = {
+    b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"PK\x05\x06": "zip", b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd", b"7z\xbc\xaf\x27\x1c": "7z",
+    **{b"BZh%d1AY&SY" % level: "bzip2" for level in range(1, 10)},
+}
+
+
+def _refuse_archive(head: bytes) -> None:
+    for magic, kind in _ARCHIVE_MAGIC.items():
+        if head.startswith(magic):
+            raise DomainError(f"The file is a {kind} archive; upload the uncompressed JSONL file.", field="file",
+                              code="unsupported_file")
+
+
 def _read_lines(stream: IO[bytes], *, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
     """Yield (1-based number, raw line or None when it is too long, bytes consumed) with bounded memory:
     a line is never read past `max_line_bytes`, the rest of an over-long line is skipped in chunks."""
@@ -96,6 +112,8 @@ def _read_lines(stream: IO[bytes], *, max_line_bytes: int) -> Iterator[tuple[int
             return
         if isinstance(raw, str):
             raise DomainError("The import stream must be opened in binary mode.", field="file")
+        if number == 0:
+            _refuse_archive(raw)
         number += 1
         consumed = len(raw)
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
@@ -113,6 +131,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # json reads 1e999 as infinity, which no column can store (PostgreSQL's jsonb refuses it).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
 # NUL and lone surrogates only arrive through \u escapes; PostgreSQL refuses both in text and jsonb.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -125,7 +151,7 @@ def _decode(raw: bytes, number: int) -> Any:
     except UnicodeDecodeError as exc:
         raise BadLine(f"invalid UTF-8 at byte offset {exc.start}")
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise BadLine(f"invalid JSON: {exc}")
     if not isinstance(value, dict):

@@ -1,16 +1,74 @@
 """Hard constraints on reranked candidates: length, regular expression, JSON and JSON Schema checks."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import re2
 from django.conf import settings
 
 from labeling.errors import DomainError
 
 KNOWN = ("max_chars", "min_chars", "regex", "json", "json_schema")
+# Lone surrogates (JSON "\ud800" escapes) cannot be encoded as UTF-8, which matching and the cache key need.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # a client's bad pattern is a 400, not a line in the server's log
+    return options
+
+
+def regex_compile(source: str, *, field: str) -> Any:
+    """Compile a client's pattern with RE2, whose matching time is linear in the text whatever the pattern:
+    Python's backtracking `re` can spend hours on a short pattern such as `(x+x+)+y`, and has no time limit."""
+    try:
+        return re2.compile(source, _re2_options())
+    except re2.error as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise DomainError(f"regex does not compile: {reason} (RE2 syntax: no backreferences or lookaround).",
+                          field=field) from exc
+
+
+def _json_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    """JSON Schema's `pattern` keyword matched with RE2 instead of jsonschema's `re.search` (see regex_compile)."""
+    from jsonschema.exceptions import ValidationError
+
+    if validator.is_type(instance, "string") and regex_compile(pattern, field=_field("json_schema")).search(
+            instance) is None:
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _schema_walk(value: Any) -> None:
+    """Refuse what a schema could use to make validation hang or fail: lone surrogates, `patternProperties`
+    (jsonschema matches those with the backtracking `re` in several keywords), and patterns RE2 cannot run."""
+    name = _field("json_schema")
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise DomainError("json_schema contains an unpaired surrogate character.", field=name)
+    elif isinstance(value, list):
+        for item in value:
+            _schema_walk(item)
+    elif isinstance(value, dict):
+        if isinstance(value.get("patternProperties"), dict):
+            raise DomainError("json_schema: 'patternProperties' is not supported; use 'properties' or "
+                              "'additionalProperties'.", field=name)
+        for key, item in value.items():
+            _schema_walk(key)
+            _schema_walk(item)
+        if isinstance(value.get("pattern"), str):
+            regex_compile(value["pattern"], field=name)
+
+
+@functools.cache
+def _with_re2_patterns(validator_class: Any) -> Any:
+    from jsonschema import validators
+
+    return validators.extend(validator_class, {"pattern": _json_pattern})
 
 
 def _max_regex_chars() -> int:
@@ -34,7 +92,7 @@ class Constraints:
 
     max_chars: int | None = None
     min_chars: int | None = None
-    regex: re.Pattern[str] | None = None
+    regex: Any = None  # a compiled RE2 pattern
     json: bool = False
     json_schema: Any = None  # a jsonschema validator
 
@@ -57,10 +115,22 @@ class Constraints:
                 document = json.loads(candidate)
             except ValueError as exc:
                 reasons.append(f"json: not valid JSON ({exc})")
+            except RecursionError:
+                reasons.append("json: nested too deeply to parse")
             else:
                 if self.json_schema is not None:
-                    error = next(iter(sorted(self.json_schema.iter_errors(document), key=lambda e: list(e.path))),
-                                 None)
+                    from referencing.exceptions import Unresolvable
+
+                    try:
+                        error = next(iter(sorted(self.json_schema.iter_errors(document),
+                                                 key=lambda e: list(e.path))), None)
+                    except RecursionError:
+                        reasons.append("json_schema: the document is nested too deeply to validate")
+                        return reasons
+                    except Unresolvable as exc:
+                        # Nothing is fetched: a $ref must point inside the schema itself.
+                        raise DomainError(f"json_schema has a $ref that cannot be resolved: {exc}.",
+                                          field=_field("json_schema")) from exc
                     if error is not None:
                         where = "/".join(str(part) for part in error.absolute_path) or "(root)"
                         reasons.append(f"json_schema: at {where}: {error.message}")
@@ -87,15 +157,13 @@ def constraints_parse(raw: Any) -> Constraints:
         source = raw["regex"]
         if not isinstance(source, str):
             raise DomainError("regex must be a string.", field=_field("regex"))
-        # Python's re has no time limit; a short pattern bounds how pathological a backtracking one can be.
         limit = _max_regex_chars()
         if len(source) > limit:
             raise DomainError(f"regex is {len(source)} characters long; at most {limit} are allowed.",
                               field=_field("regex"))
-        try:
-            pattern = re.compile(source)
-        except re.error as exc:
-            raise DomainError(f"regex does not compile: {exc}.", field=_field("regex")) from exc
+        if _SURROGATE.search(source):
+            raise DomainError("regex contains an unpaired surrogate character.", field=_field("regex"))
+        pattern = regex_compile(source, field=_field("regex"))
 
     must_parse = raw.get("json", False)
     if not isinstance(must_parse, bool):
@@ -109,13 +177,16 @@ def constraints_parse(raw: Any) -> Constraints:
         from jsonschema import exceptions as schema_errors
         from jsonschema import validators
 
-        validator_class = validators.validator_for(schema)
         try:
+            _schema_walk(schema)
+            validator_class = validators.validator_for(schema)
             validator_class.check_schema(schema)
         except schema_errors.SchemaError as exc:
             raise DomainError(f"json_schema is not a valid schema: {exc.message}.",
                               field=_field("json_schema")) from exc
-        validator = validator_class(schema)
+        except RecursionError as exc:
+            raise DomainError("json_schema is nested too deeply.", field=_field("json_schema")) from exc
+        validator = _with_re2_patterns(validator_class)(schema)
 
     return Constraints(max_chars=max_chars, min_chars=min_chars, regex=pattern, json=must_parse,
                        json_schema=validator)

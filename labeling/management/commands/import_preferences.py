@@ -53,6 +53,8 @@ class Command(BaseCommand):
 
         try:
             report = preferences_import(project=target, stream=stream, format=format, progress=progress)
+        except DomainError as exc:  # the file as a whole is refused (an archive): nothing was imported
+            raise CommandError(exc.message)
         finally:
             bar.close()
             if stream is not sys.stdin.buffer:
