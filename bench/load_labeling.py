@@ -1,0 +1,308 @@
+"""Benchmark: 32 simulated labelers doing next + submit against gunicorn on PostgreSQL, at 10k and 1M pairs.
+
+Seeds (or reuses) two projects of generated pairs, gives 32 labelers API tokens, starts gunicorn on loopback with
+the production settings, and drives it from an asyncio client in a closed loop: each labeler asks for its next
+pair (GET /api/v1/projects/<slug>/next/), answers it (POST /api/v1/comparisons/) and asks again, for --seconds per
+project; then one labeler alone does the same for --solo-seconds, which gives the latency without queueing. The
+small project is the baseline of the next-pair latency: the ratio 1M/10k shows whether the queue's cost grows with
+the project. The client runs on the same cores as the server and the database; its CPU share is printed with the
+results, as is the CPU that other processes on the machine took meanwhile.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/preflab_load_bench .venv/bin/python bench/load_labeling.py
+
+Targets: at least 300 cycles/s, cycle p99 under 100 ms, zero errors, next-pair p50 at 1M within 1.5x of 10k.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import _common
+
+TARGET_RATE = 300.0
+TARGET_P99_MS = 100.0
+TARGET_RATIO = 1.5
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=1_000_000, help="pairs of the large project")
+    parser.add_argument("--small", type=int, default=10_000, help="pairs of the baseline project")
+    parser.add_argument("--labelers", type=int, default=32, help="simulated labelers (= concurrent requests)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per project")
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each measurement")
+    parser.add_argument("--solo-seconds", type=float, default=10.0,
+                        help="measured seconds of one labeler alone, after the load, per project")
+    parser.add_argument("--overlap", type=int, default=1, help="labels_per_pair of both projects")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (gthread)")
+    parser.add_argument("--worker-class", default="gthread", choices=("gthread", "sync"))
+    parser.add_argument("--only", choices=("small", "large"), help="measure one project only")
+    return parser.parse_args()
+
+
+# --- a small HTTP/1.1 client -------------------------------------------------------------------------------
+# The load generator shares the two cores with the server and PostgreSQL, so it is kept lean: one keep-alive
+# connection per labeler over asyncio streams (a general-purpose client costs several times the CPU per request).
+
+
+class HttpError(Exception):
+    pass
+
+
+class Connection:
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.headers = (f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+                        "Accept: application/json\r\n")
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        head = f"{method} {path} HTTP/1.1\r\n{self.headers}"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        payload = (head + "\r\n").encode() + (body or b"")
+        for attempt in (1, 2):
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            try:
+                self.writer.write(payload)
+                return await self._response()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                # The server may close an idle keep-alive connection just as a request goes out: retry once.
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _response(self) -> tuple[int, bytes]:
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("connection closed")
+        status = int(status_line.split(b" ", 2)[1])
+        length, chunked, close = None, False, False
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+        if chunked:
+            body = b""
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readline()
+                    break
+                body += await self.reader.readexactly(size)
+                await self.reader.readline()
+        elif length is not None:
+            body = await self.reader.readexactly(length)
+        else:
+            body = await self.reader.read()
+            close = True
+        if close:
+            self.close()
+        return status, body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+# --- the load ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    next_ms: list[float] = field(default_factory=list)
+    submit_ms: list[float] = field(default_factory=list)
+    cycle_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    empty: int = 0
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+async def labeler_loop(*, port: int, token: str, slug: str, stop_at: float, measure_from: float,
+                       results: Results, rng: random.Random) -> None:
+    conn = Connection(port, token)
+    next_path = f"/api/v1/projects/{slug}/next/"
+    try:
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            try:
+                status, body = await conn.request("GET", next_path)
+                got_next = time.perf_counter()
+                if status == 204:
+                    results.empty += 1
+                    await asyncio.sleep(0.1)
+                    continue
+                if status != 200:
+                    results.error(f"next {status}")
+                    continue
+                pair = json.loads(body)["pair"]
+                answer = json.dumps({"pair": pair, "choice": rng.choice(("left", "right", "left", "tie")),
+                                     "time_ms": rng.randint(2000, 30000)}).encode()
+                status, body = await conn.request("POST", "/api/v1/comparisons/", answer)
+                done = time.perf_counter()
+            except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
+                results.error(type(exc).__name__)
+                conn.close()
+                continue
+            if status not in (200, 201):
+                results.error(f"submit {status}: {body[:120]!r}")
+                continue
+            if started >= measure_from and done <= stop_at:
+                results.next_ms.append((got_next - started) * 1000)
+                results.submit_ms.append((done - got_next) * 1000)
+                results.cycle_ms.append((done - started) * 1000)
+    finally:
+        conn.close()
+
+
+async def drive(*, port: int, tokens: list[str], slug: str, warmup: float, seconds: float,
+                meter: _common.CpuMeter) -> tuple[Results, dict[str, float]]:
+    results = Results()
+    now = time.perf_counter()
+    measure_from, stop_at = now + warmup, now + warmup + seconds
+    rng = random.Random(7)
+    tasks = [asyncio.create_task(labeler_loop(port=port, token=token, slug=slug, stop_at=stop_at,
+                                              measure_from=measure_from, results=results,
+                                              rng=random.Random(rng.random())))
+             for token in tokens]
+    await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+    meter.start()
+    await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+    cpu = meter.stop()
+    await asyncio.gather(*tasks)
+    return results, cpu
+
+
+@dataclass
+class Row:
+    pairs: int
+    seeded_s: float
+    results: Results
+    seconds: float
+    cpu: dict[str, float]
+    solo: Results
+
+    @property
+    def rate(self) -> float:
+        return len(self.results.cycle_ms) / self.seconds
+
+    @property
+    def cpu_ms_per_cycle(self) -> float:
+        """CPU time of the server, its database backends and the client per cycle: what a cycle costs, whatever
+        share of the cores other work on the machine left to this run."""
+        used = self.cpu["client"] + self.cpu["server"] + self.cpu["postgres"]
+        return 1000 * used / self.rate if self.rate else float("nan")
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.results.errors.values()) + sum(self.solo.errors.values())
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> None:
+    p = _common.percentile
+    print()
+    print(f"gunicorn {args.worker_class}: {args.workers} workers x {args.threads} threads; {args.labelers} labelers "
+          f"in a closed loop for {args.seconds:.0f} s per project after {args.warmup:.0f} s warm-up, then one "
+          f"labeler alone for {args.solo_seconds:.0f} s; labels_per_pair {args.overlap}")
+    print(f"{'pairs':>9} {'cycles/s':>9} {'next p50':>9} {'next p99':>9} {'sub p50':>8} {'sub p99':>8} "
+          f"{'cyc p50':>8} {'cyc p99':>8} {'errors':>7} {'cpu/cyc':>8} | cores: {'client':>6} {'server':>6} "
+          f"{'pg':>5} {'other':>5} | alone: {'next p50':>8} {'next p99':>8} {'cyc p50':>8}")
+    for row in rows:
+        r, solo, cpu = row.results, row.solo, row.cpu
+        print(f"{row.pairs:>9,} {row.rate:>9.1f} {p(r.next_ms, 50):>9.1f} {p(r.next_ms, 99):>9.1f} "
+              f"{p(r.submit_ms, 50):>8.1f} {p(r.submit_ms, 99):>8.1f} {p(r.cycle_ms, 50):>8.1f} "
+              f"{p(r.cycle_ms, 99):>8.1f} {row.error_count:>7} {row.cpu_ms_per_cycle:>8.1f} | "
+              f"{cpu['client']:>13.2f} {cpu['server']:>6.2f} {cpu['postgres']:>5.2f} {cpu['other']:>5.2f} | "
+              f"{p(solo.next_ms, 50):>15.1f} {p(solo.next_ms, 99):>8.1f} {p(solo.cycle_ms, 50):>8.1f}")
+        for kind, count in sorted({**r.errors, **solo.errors}.items()):
+            print(f"          error {kind}: {count}")
+        if r.empty or solo.empty:
+            print(f"          the queue was empty {r.empty + solo.empty} times")
+    print(f"latencies in ms, measured by the client; cpu/cyc: ms of CPU per cycle taken by the client, gunicorn and "
+          f"its PostgreSQL backends together; cores: CPU seconds per second during the measured interval, of the "
+          f"{os.cpu_count()} this machine has (other: every process outside this benchmark)")
+    print()
+    print(f"{'target':<42} {'figure':>9}   verdict")
+
+    def line(target: str, figure: str, ok: bool, note: str = "") -> None:
+        print(f"{target:<42} {figure:>9}   {verdict(ok)}{note}")
+
+    for row in rows:
+        share = row.cpu["client"] / max(row.cpu["client"] + row.cpu["server"] + row.cpu["postgres"], 1e-9)
+        line(f"cycles/s >= {TARGET_RATE:.0f} at {row.pairs:,} pairs", f"{row.rate:.1f}", row.rate >= TARGET_RATE,
+             f"  (the load generator took {share:.0%} of the benchmark's CPU)")
+        cycle_p99 = p(row.results.cycle_ms, 99)
+        line(f"cycle p99 < {TARGET_P99_MS:.0f} ms at {row.pairs:,} pairs", f"{cycle_p99:.1f}",
+             cycle_p99 < TARGET_P99_MS)
+    errors = sum(row.error_count for row in rows)
+    line("errors = 0", str(errors), errors == 0)
+    if len(rows) == 2:
+        small, large = rows
+        for label, key in (("under load", "results"), ("one labeler", "solo")):
+            ratio = p(getattr(large, key).next_ms, 50) / p(getattr(small, key).next_ms, 50)
+            line(f"next p50 {large.pairs:,} / {small.pairs:,} <= {TARGET_RATIO}, {label}", f"{ratio:.2f}",
+                 ratio <= TARGET_RATIO)
+
+
+def main() -> None:
+    args = parse_args()
+    _common.django_setup()
+    from django.conf import settings
+
+    sizes = [args.small, args.pairs]
+    if args.only:
+        sizes = [args.small] if args.only == "small" else [args.pairs]
+    projects = []
+    for size in sizes:
+        project, seeded_s = _common.project_seeded(slug=f"bench-load-{size}", pairs=size,
+                                                   labels_per_pair=args.overlap)
+        if seeded_s:
+            print(f"seeded {size:,} pairs in {seeded_s:.1f} s")
+        else:
+            _common.project_reset(project)
+        projects.append((project, size, seeded_s))
+    labelers = _common.labelers_with_tokens(count=args.labelers, projects=[project for project, _, _ in projects])
+    tokens = [token for _, token in labelers]
+    database = settings.DATABASES["default"]["NAME"]
+
+    rows = []
+    with _common.gunicorn(workers=args.workers, threads=args.threads, worker_class=args.worker_class) as (
+            server, port, _log):
+        for project, size, seeded_s in projects:
+            meter = _common.CpuMeter(server_pid=server.pid, database=database)
+            results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=project.slug, warmup=args.warmup,
+                                             seconds=args.seconds, meter=meter))
+            # The same pairs' latency without queueing behind 31 others: what one assignment costs at this size.
+            solo, _ = asyncio.run(drive(port=port, tokens=tokens[:1], slug=project.slug, warmup=1.0,
+                                        seconds=args.solo_seconds, meter=meter))
+            rows.append(Row(pairs=size, seeded_s=seeded_s, results=results, seconds=args.seconds, cpu=cpu,
+                            solo=solo))
+    report(rows, args)
+
+
+if __name__ == "__main__":
+    main()
