@@ -24,6 +24,7 @@ LABELER_PREFIX = "bench-labeler-"
 
 
 def django_setup() -> None:
+    """Django on the PostgreSQL database DATABASE_URL names, created when it does not exist yet, migrated."""
     import django
 
     django.setup()
@@ -32,7 +33,24 @@ def django_setup() -> None:
 
     if connection.vendor != "postgresql":
         sys.exit(f"{sys.argv[0]} needs PostgreSQL: set DATABASE_URL.")
+    _database_create_missing(connection)
     call_command("migrate", verbosity=0)
+
+
+def _database_create_missing(connection) -> None:
+    import psycopg
+    from psycopg import sql
+
+    params = connection.get_connection_params()
+    name = params.pop("dbname")
+    try:
+        psycopg.connect(dbname=name, **params).close()
+        return
+    except psycopg.OperationalError:
+        pass
+    with psycopg.connect(dbname="postgres", autocommit=True, **params) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    print(f"created database {name}", file=sys.stderr)
 
 
 # --- seeded projects ---------------------------------------------------------------------------------------
@@ -142,9 +160,9 @@ def _label(cursor, project_id: int, labeler_ids: list[int]) -> None:
         raise ValueError("labeling needs labelers")
     cursor.execute(
         """
-        INSERT INTO labeling_comparison (pair_id, labeler_id, source, choice, strength, margin, rationale, flags,
-                                         swapped, time_ms, created_at)
-        SELECT p.id, (%(labelers)s::bigint[])[1 + (p.id %% cardinality(%(labelers)s::bigint[]))], 'label',
+        INSERT INTO labeling_comparison (pair_id, project_id, labeler_id, source, choice, strength, margin, rationale,
+                                         flags, swapped, time_ms, created_at)
+        SELECT p.id, p.project_id, (%(labelers)s::bigint[])[1 + (p.id %% cardinality(%(labelers)s::bigint[]))], 'label',
                (ARRAY['a', 'b', 'a', 'b', 'tie', 'both_bad'])[1 + (p.id %% 6)], NULL, NULL,
                CASE WHEN p.id %% 4 = 0 THEN 'Clearer and more helpful, ' || md5(p.id::text) ELSE '' END,
                CASE WHEN p.id %% 10 = 0 THEN '["factual_error"]'::jsonb ELSE '[]'::jsonb END,

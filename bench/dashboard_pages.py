@@ -108,9 +108,9 @@ def _fill(cursor, project_id: int, *, regular: int, gold: int, labeler_ids: list
             FROM pairs p, generate_series(0, %(gold_labels)s - 1) j
             WHERE j < CASE WHEN p.gold THEN %(gold_labels)s ELSE 2 END
         )
-        INSERT INTO labeling_comparison (pair_id, labeler_id, source, choice, strength, margin, rationale, flags,
-                                         swapped, time_ms, created_at)
-        SELECT s.id, (%(labelers)s::bigint[])[1 + s.who], 'label',
+        INSERT INTO labeling_comparison (pair_id, project_id, labeler_id, source, choice, strength, margin, rationale,
+                                         flags, swapped, time_ms, created_at)
+        SELECT s.id, %(project)s, (%(labelers)s::bigint[])[1 + s.who], 'label',
                CASE WHEN (s.id * 7919 + s.who * 104729) %% 4 <> 0
                     THEN (ARRAY['a', 'b', 'a', 'b', 'tie', 'both_bad'])[1 + s.id %% 6]
                     ELSE (ARRAY['a', 'b', 'tie', 'both_bad'])[1 + (s.id + s.who) %% 4] END,
@@ -213,7 +213,7 @@ def baseline_view(request):
 
     if not request.user.is_authenticated:
         return redirect_to_login(request.get_full_path())
-    count = Comparison.objects.filter(pair__project__slug=request.GET["project"]).count()
+    count = Comparison.objects.filter(project__slug=request.GET["project"]).count()
     return HttpResponse(f"<!doctype html><title>count</title><p>{count} comparisons</p>")
 
 
@@ -242,22 +242,18 @@ def time_calls(call: Callable[[], object], repeat: int) -> list[float]:
 
 def main() -> None:
     args = parse_args()
-    import django
+    import _common
 
-    django.setup()
+    _common.django_setup()
+
     from django.conf import settings
-    from django.core.management import call_command
-    from django.db import connection
     from django.test import Client
 
-    if connection.vendor != "postgresql":
-        sys.exit("bench/dashboard_pages.py needs PostgreSQL: set DATABASE_URL.")
-    call_command("migrate", verbosity=0)
     project, manager, seed_s = seed(comparisons=args.comparisons, gold_share=args.gold_share,
                                     small_projects=args.small_projects, reseed=args.reseed)
     from labeling.models import Comparison
 
-    total = Comparison.objects.filter(pair__project=project).count()
+    total = Comparison.objects.filter(project=project).count()
     print(f"project {project.slug}: {total:,} comparisons, {LABELERS} labelers; seeding {seed_s:.1f} s "
           f"(the labels are reused when an earlier run seeded the same shape)")
     # The figures are only as quiet as the machine: the load average says how many others were running.

@@ -98,7 +98,7 @@ def baseline_raw_insert(path: Path, project: Project) -> int:
                       label_count=1, status=Pair.Status.COMPLETE, source="import")
                  for i, prompt in enumerate(prompts)])
             Comparison.objects.bulk_create(
-                [Comparison(pair=pair, source=Comparison.Source.IMPORT, choice="a") for pair in pairs])
+                [Comparison(pair=pair, project=project, source=Comparison.Source.IMPORT, choice="a") for pair in pairs])
         created += len(pairs)
         batch.clear()
 

@@ -51,7 +51,7 @@ class PairAdmin(admin.ModelAdmin):
 @admin.register(Comparison)
 class ComparisonAdmin(admin.ModelAdmin):
     list_display = ["id", "pair", "labeler", "source", "choice", "strength", "swapped", "time_ms", "created_at"]
-    list_filter = ["source", "choice", "swapped", "pair__project"]
+    list_filter = ["source", "choice", "swapped", "project"]
     search_fields = ["labeler__username", "rationale"]
     raw_id_fields = ["pair"]
     readonly_fields = [field.name for field in Comparison._meta.fields]

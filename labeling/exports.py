@@ -41,7 +41,7 @@ def _comparison_rows(project: Project) -> Iterator[dict[str, Any]]:
     fields = ("id", "pair_id", "pair__prompt__content", "pair__response_a__text", "pair__response_b__text",
               "choice", "strength", "margin", "rationale", "flags", "swapped", "time_ms", "labeler__username",
               "source", "created_at")
-    rows = (Comparison.objects.filter(pair__project=project).order_by("id").values_list(*fields)
+    rows = (Comparison.objects.filter(project=project).order_by("id").values_list(*fields)
             .iterator(chunk_size=CHUNK_SIZE))
     for (comparison_id, pair_id, prompt, text_a, text_b, choice, strength, margin, rationale, flags, swapped,
          time_ms, username, source, created_at) in rows:

@@ -441,8 +441,9 @@ def _write_batch(*, project: Project, rows: list[ParsedLine]) -> _BatchCounts:
     for pair_id, prompt_id, a, b in created:
         key = (prompt_id, min(a, b), max(a, b))
         if key in margins:
-            comparisons.append(Comparison(pair_id=pair_id, labeler=None, source=Comparison.Source.IMPORT,
-                                          choice=Comparison.Choice.A, margin=margins.pop(key)))
+            comparisons.append(Comparison(pair_id=pair_id, project=project, labeler=None,
+                                          source=Comparison.Source.IMPORT, choice=Comparison.Choice.A,
+                                          margin=margins.pop(key)))
     Comparison.objects.bulk_create(comparisons, ignore_conflicts=True)
     counts.comparisons = len(comparisons)
     return counts

@@ -98,7 +98,7 @@ def preference_rows(*, project: Project, comparison_ids: Iterable[int] | None = 
     """Stream the project's decided pairs in pair order (constant memory); pairs without a clear A/B majority
     are left out. Gold pairs count like any other pair, decided by their labels. `comparison_ids` limits the
     vote to a frozen set of comparisons."""
-    comparisons = Comparison.objects.filter(pair__project=project)
+    comparisons = Comparison.objects.filter(project=project)
     if comparison_ids is not None:
         comparisons = comparisons.filter(pk__in=list(comparison_ids))
     rows = comparisons.order_by("pair_id", "id").values_list(
@@ -140,8 +140,8 @@ def labeler_progress(*, projects: Iterable[Project], user: AbstractBaseUser) -> 
     """Progress per project id in two grouped queries, whatever the number of projects."""
     ids = [project.pk for project in projects]
     done = dict(
-        Comparison.objects.filter(labeler=user, pair__project_id__in=ids)
-        .values_list("pair__project_id").annotate(n=Count("id")).order_by()
+        Comparison.objects.filter(labeler=user, project_id__in=ids)
+        .values_list("project_id").annotate(n=Count("id")).order_by()
     )
     mine = Comparison.objects.filter(pair=OuterRef("pk"), labeler=user)
     # Gold pairs never close, so counting them would keep the bar short of 100% forever; the labeler's
@@ -186,14 +186,14 @@ def project_recent_activity(*, projects: Iterable[Project], now: datetime | None
     midnight = timezone.localtime(now).replace(hour=0, minute=0, second=0, microsecond=0)
     ids = [project.pk for project in projects]
     rows = (
-        Comparison.objects.filter(pair__project_id__in=ids, source=Comparison.Source.LABEL,
+        Comparison.objects.filter(project_id__in=ids, source=Comparison.Source.LABEL,
                                   created_at__gte=min(midnight, now - timedelta(hours=24)), created_at__lte=now)
-        .values("pair__project_id")
+        .values("project_id")
         .annotate(today=Count("id", filter=Q(created_at__gte=midnight)),
                   labelers=Count("labeler_id", distinct=True, filter=Q(created_at__gte=now - timedelta(hours=24))))
         .order_by()
     )
-    found = {row["pair__project_id"]: RecentActivity(row["today"], row["labelers"]) for row in rows}
+    found = {row["project_id"]: RecentActivity(row["today"], row["labelers"]) for row in rows}
     return {pk: found.get(pk, RecentActivity(0, 0)) for pk in ids}
 
 

@@ -389,8 +389,8 @@ def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice:
     choice = _frame_to_choice(frame_choice, swapped=lease.swapped)
     _validate_submission(project=pair.project, choice=choice, strength=strength, flags=flags)
     comparison = Comparison.objects.create(
-        pair=pair, labeler=labeler, source=Comparison.Source.LABEL, choice=choice, strength=strength,
-        rationale=rationale, flags=flags, swapped=lease.swapped, time_ms=time_ms,
+        pair=pair, project_id=pair.project_id, labeler=labeler, source=Comparison.Source.LABEL, choice=choice,
+        strength=strength, rationale=rationale, flags=flags, swapped=lease.swapped, time_ms=time_ms,
     )
     # The pair's row is locked, so its count is current: one UPDATE writes the new count and, when this label
     # completes the pair, its status.

@@ -42,7 +42,7 @@ def _share(part: int | float, whole: int | float) -> float | None:
 
 
 def _human(project: Project):
-    return Comparison.objects.filter(pair__project=project, source=Comparison.Source.LABEL)
+    return Comparison.objects.filter(project=project, source=Comparison.Source.LABEL)
 
 
 def _shown_on_left() -> Q:
@@ -77,7 +77,7 @@ def pair_counts(*, project: Project) -> dict[str, int]:
 
 def _comparison_totals(*, project: Project) -> tuple[dict[str, int], dict[str, int]]:
     """Comparison counts and the choice distribution in one pass over the project's comparisons."""
-    row = Comparison.objects.filter(pair__project=project).aggregate(
+    row = Comparison.objects.filter(project=project).aggregate(
         total=Count("id"),
         human=Count("id", filter=Q(source=Comparison.Source.LABEL)),
         imported=Count("id", filter=Q(source=Comparison.Source.IMPORT)),

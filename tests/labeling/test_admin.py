@@ -13,7 +13,7 @@ from tests.factories import PairFactory
                                    "apitoken"])
 def test_admin_changelists_load_for_staff(client, admin_user, project, labeler, model):
     pair = PairFactory(project=project)
-    Comparison.objects.create(pair=pair, labeler=labeler, choice="a")
+    Comparison.objects.create(pair=pair, project=project, labeler=labeler, choice="a")
     PairFactory(project=project)
     pair_next_for_labeler(project=project, labeler=labeler)
     api_token_create(user=admin_user, name="ops")

@@ -27,8 +27,8 @@ def _member(project, role=Membership.Role.LABELER, **fields):
 
 
 def _label(pair, labeler, choice, *, swapped=False, time_ms=5000) -> Comparison:
-    comparison = Comparison.objects.create(pair=pair, labeler=labeler, choice=choice, swapped=swapped,
-                                           time_ms=time_ms)
+    comparison = Comparison.objects.create(pair=pair, project=pair.project, labeler=labeler, choice=choice,
+                                           swapped=swapped, time_ms=time_ms)
     pair.label_count += 1
     if pair.gold_choice is None and pair.label_count >= pair.project.labels_per_pair:
         pair.status = Pair.Status.COMPLETE

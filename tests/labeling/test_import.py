@@ -84,6 +84,8 @@ def test_reimporting_the_same_file_creates_nothing_and_counts_duplicates(project
     assert (report.pairs_created, report.comparisons_created, report.duplicates_skipped) == (0, 0, 39)
     assert Pair.objects.filter(project=project).count() == 39
     assert Comparison.objects.filter(pair__project=project).count() == 39
+    # Every imported comparison is filed under its pair's project.
+    assert Comparison.objects.filter(project=project).count() == 39
     assert Prompt.objects.filter(project=project).count() == 39
 
 

@@ -305,3 +305,24 @@ def test_next_and_submit_over_the_api_run_a_fixed_small_number_of_statements(pro
     pair = Pair.objects.get(pk=assignment.json()["pair"])
     assert pair.label_count == 1 and pair.status == Pair.Status.COMPLETE
     assert not Lease.objects.filter(pair=pair).exists()
+
+
+@pytest.mark.django_db
+def test_a_submitted_comparison_carries_its_pairs_project(project, labeler):
+    PairFactory(project=project)
+    lease = services.pair_next_for_labeler(project=project, labeler=labeler)
+    result = services.comparison_submit(labeler=labeler, pair_id=lease.pair_id, choice="left")
+    assert result.comparison.project_id == project.pk == Comparison.objects.get().project_id
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.postgres
+def test_the_database_refuses_a_comparison_filed_under_another_project_than_its_pair(project, labeler):
+    from django.db import IntegrityError, transaction
+
+    pair = PairFactory(project=project)
+    other = ProjectFactory()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        # The foreign key on (pair, project) is checked at commit (deferred, like Django's own).
+        Comparison.objects.create(pair=pair, project=other, labeler=labeler, choice="a")
+    assert not Comparison.objects.exists()

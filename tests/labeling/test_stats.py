@@ -27,15 +27,17 @@ def _member(project, role=Membership.Role.LABELER, username=None):
 
 
 def _label(pair, labeler, choice, *, swapped=False, time_ms=None, at=None):
-    comparison = Comparison.objects.create(pair=pair, labeler=labeler, source=Comparison.Source.LABEL, choice=choice,
-                                           swapped=swapped, time_ms=time_ms)
+    comparison = Comparison.objects.create(pair=pair, project=pair.project, labeler=labeler,
+                                           source=Comparison.Source.LABEL, choice=choice, swapped=swapped,
+                                           time_ms=time_ms)
     if at is not None:
         Comparison.objects.filter(pk=comparison.pk).update(created_at=at)
     return comparison
 
 
 def _imported(pair, choice, *, at=None):
-    comparison = Comparison.objects.create(pair=pair, labeler=None, source=Comparison.Source.IMPORT, choice=choice)
+    comparison = Comparison.objects.create(pair=pair, project=pair.project, labeler=None,
+                                           source=Comparison.Source.IMPORT, choice=choice)
     if at is not None:
         Comparison.objects.filter(pk=comparison.pk).update(created_at=at)
     return comparison
