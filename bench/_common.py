@@ -33,11 +33,11 @@ def django_setup() -> None:
 
     if connection.vendor != "postgresql":
         sys.exit(f"{sys.argv[0]} needs PostgreSQL: set DATABASE_URL.")
-    _database_create_missing(connection)
+    database_create_missing(connection)
     call_command("migrate", verbosity=0)
 
 
-def _database_create_missing(connection) -> None:
+def database_create_missing(connection) -> None:
     import psycopg
     from psycopg import sql
 

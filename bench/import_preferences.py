@@ -127,6 +127,11 @@ def main() -> None:
     parser.add_argument("--bad-every", type=int, default=5000, help="Every n-th line is broken (0: none).")
     parser.add_argument("--keep", action="store_true", help="Keep the projects the run creates.")
     args = parser.parse_args()
+
+    if connection.vendor == "postgresql":
+        import _common
+
+        _common.database_create_missing(connection)
     call_command("migrate", verbosity=0)
 
     with tempfile.TemporaryDirectory() as directory:

@@ -86,8 +86,10 @@ def main() -> None:
 
     if connection.vendor != "postgresql":
         sys.exit("bench/queue_next.py needs PostgreSQL: set DATABASE_URL.")
+    import _common
     from django.core.management import call_command
 
+    _common.database_create_missing(connection)
     call_command("migrate", verbosity=0)
     stamp = int(time.time())
     User = get_user_model()

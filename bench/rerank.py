@@ -370,6 +370,10 @@ def main() -> None:
     from rewards.services import reward_model_register
 
     torch.set_num_threads(args.torch_threads)
+    if connection.vendor == "postgresql":
+        import _common
+
+        _common.database_create_missing(connection)
     call_command("migrate", verbosity=0)
     folder = args.model or build_default_model(scratch / "reward-model", max_length=args.max_length)
     owner = get_user_model().objects.create_user(username=f"bench-{os.getpid()}")
