@@ -125,10 +125,12 @@ class ProjectChartsView(LoginRequiredMixin, View):
         except DomainError as exc:
             return JsonResponse(error_body(message=exc.message, code=exc.code, field=exc.field),
                                 status=exc.status_code)
+        agreement = stats.labeler_agreement(project=project)
         data = {
             "throughput": throughput,
             "choices": stats.choice_distribution(project=project),
-            "agreement_by_labeler": stats.labeler_agreement(project=project)["per_labeler"],
+            "agreement_by_labeler": agreement["per_labeler"],
+            "agreement_daily": agreement["daily"],
         }
         return JsonResponse(data, encoder=DjangoJSONEncoder)
 

@@ -13,7 +13,7 @@ import krippendorff
 import numpy as np
 from django.contrib.auth import get_user_model
 from django.db import connection
-from django.db.models import Aggregate, Case, Count, F, FloatField, IntegerField, Q, Value, When
+from django.db.models import Aggregate, BigIntegerField, Case, Count, F, FloatField, Func, IntegerField, Q, Value, When
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
@@ -27,6 +27,8 @@ CHOICE_INDEX = {choice: index for index, choice in enumerate(CHOICES)}
 DECISIVE_INDEXES = frozenset(CHOICE_INDEX[choice] for choice in DECISIVE)
 THROUGHPUT_DEFAULT_HOURS = 48
 THROUGHPUT_MAX_HOURS = 24 * 31
+# Days of the agreement-over-time series (UTC days, the current one last).
+AGREEMENT_DAYS = 14
 
 
 class _Median(Aggregate):
@@ -35,6 +37,19 @@ class _Median(Aggregate):
     function = "PERCENTILE_CONT"
     template = "%(function)s(0.5) WITHIN GROUP (ORDER BY %(expressions)s)"
     output_field = FloatField()
+
+
+class _EpochSeconds(Func):
+    """A datetime as whole seconds since 1970 (UTC), so label times arrive as plain integers."""
+
+    output_field = BigIntegerField()
+
+    def as_postgresql(self, compiler, connection, **extra):
+        return self.as_sql(compiler, connection, template="EXTRACT(EPOCH FROM %(expressions)s)::bigint", **extra)
+
+    def as_sqlite(self, compiler, connection, **extra):
+        return self.as_sql(compiler, connection, template="CAST(strftime('%%%%s', %(expressions)s) AS INTEGER)",
+                           **extra)
 
 
 def _share(part: int | float, whole: int | float) -> float | None:
@@ -206,29 +221,31 @@ def cohen_kappas(tables: np.ndarray) -> list[float | None]:
     return [float(k) if ok else None for k, ok in zip(kappa, defined, strict=True)]
 
 
-def labeler_agreement(*, project: Project) -> dict[str, Any]:
+def labeler_agreement(*, project: Project, days: int = AGREEMENT_DAYS,
+                      now: datetime | None = None) -> dict[str, Any]:
     """Agreement among labelers on the pairs (gold included) that have two or more human labels.
 
     `with_ties` covers every such pair; `without_ties` only the pairs where every label is A or B. Percent
     agreement is the share of agreeing label pairs, averaged over pairs; Krippendorff's alpha is nominal over
     all four choices; Cohen's kappa is given for every two labelers who share pairs, and on its own when
     exactly two labelers overlap. A labeler's agreement is the share of the other labels on their pairs that
-    match theirs."""
+    match theirs. `daily` is agreement over time: for each of the last `days` UTC days (the current one last),
+    the percent agreement of the pairs whose latest label came that day."""
     # One fetch of the project's human labels, then array arithmetic: looping over 100k labels in Python took
     # seconds, and the same numbers as SQL aggregates cost a self-join; both made the dashboard pages slow.
     # The rows are read with a plain cursor as whole numbers (the choice as its index), straight into an array.
     query = _human(project).annotate(choice_index=Case(
         *(When(choice=choice, then=Value(index)) for choice, index in CHOICE_INDEX.items()),
         output_field=IntegerField(),
-    )).values_list("pair_id", "labeler_id", "choice_index")
+    ), at=_EpochSeconds("created_at")).values_list("pair_id", "labeler_id", "choice_index", "at")
     with connection.cursor() as cursor:
         cursor.execute(*query.query.sql_with_params())
         fetched = cursor.fetchall()
-    columns = np.fromiter(chain.from_iterable(fetched), dtype=np.int64, count=3 * len(fetched)).reshape(-1, 3)
+    columns = np.fromiter(chain.from_iterable(fetched), dtype=np.int64, count=4 * len(fetched)).reshape(-1, 4)
     pair, choice = columns[:, 0], columns[:, 2]
     labeler_keys, labeler = np.unique(columns[:, 1], return_inverse=True)
     order = np.lexsort((labeler, pair))  # by pair, then by labeler id
-    pair, labeler, choice = pair[order], labeler[order], choice[order]
+    pair, labeler, choice, at = pair[order], labeler[order], choice[order], columns[order, 3]
 
     # Groups of labels per pair; only pairs with two or more labels take part.
     starts = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]]) if len(pair) else np.zeros(0, dtype=np.int64)
@@ -243,6 +260,8 @@ def labeler_agreement(*, project: Project) -> dict[str, Any]:
     decisive = value_counts[:, [i for i in range(len(CHOICES)) if i not in DECISIVE_INDEXES]].sum(axis=1) == 0
     with_ties = _agreement_summary(agreeing, unanimous)
     without_ties = _agreement_summary(agreeing[decisive], unanimous[decisive])
+    latest = np.maximum.reduceat(at, starts)[multi] if len(at) else np.zeros(0, dtype=np.int64)
+    daily = _agreement_daily(latest, agreeing, days=days, now=now)
 
     # A labeler's agreement: the other labels on their pairs that match theirs, over all other labels there.
     in_multi = multi[group]
@@ -301,7 +320,22 @@ def labeler_agreement(*, project: Project) -> dict[str, Any]:
         "cohen_kappa": pairwise[0]["kappa"] if len(pairwise) == 1 else None,
         "pairwise_kappa": pairwise,
         "per_labeler": per_labeler,
+        "daily": daily,
     }
+
+
+def _agreement_daily(latest: np.ndarray, agreeing: np.ndarray, *, days: int,
+                     now: datetime | None) -> list[dict[str, Any]]:
+    """Per UTC day of the last `days`: the pairs whose latest label (`latest`, epoch seconds) came that day, and
+    their mean percent agreement (None on a day without any)."""
+    today = (now or timezone.now()).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    first = today - timedelta(days=days - 1)
+    day = (latest - int(first.timestamp())) // 86400
+    inside = (day >= 0) & (day < days)
+    pairs = np.bincount(day[inside], minlength=days)
+    sums = np.bincount(day[inside], weights=agreeing[inside], minlength=days)
+    return [{"day": (first + timedelta(days=i)).date(), "pairs": int(pairs[i]),
+             "percent_agreement": float(sums[i] / pairs[i]) if pairs[i] else None} for i in range(days)]
 
 
 # --- gold -----------------------------------------------------------------------------------------------
@@ -348,6 +382,6 @@ def project_stats(*, project: Project, hours: int = THROUGHPUT_DEFAULT_HOURS,
         "labelers": labeler_activity(project=project),
         "throughput": {"hours": hours,
                        "buckets": comparison_throughput_hourly(project=project, hours=hours, now=now)},
-        "agreement": labeler_agreement(project=project),
+        "agreement": labeler_agreement(project=project, now=now),
         "gold": gold_accuracy(project=project),
     }

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.serializers.json import DjangoJSONEncoder
 from django.test import Client
 
 from labeling import exports, selectors, stats
@@ -130,6 +131,11 @@ def test_project_page_shows_the_stats_numbers(project, manager, known):
     assert 'data-labeler="ann">' in page
     hours = expected["throughput"]["buckets"]
     assert page.count("<tr><td>") >= len(hours)
+    # Agreement over time: today's row holds every pair with two labels (all were labeled just now).
+    today = expected["agreement"]["daily"][-1]
+    assert today["pairs"] == expected["agreement"]["with_ties"]["pairs"] > 0
+    assert (f'<tr><td>{today["day"]:%Y-%m-%d}</td><td class="num">{today["pairs"]}</td>'
+            f'<td class="num">{today["percent_agreement"]:.3f}</td></tr>') in page
 
 
 @pytest.mark.django_db
@@ -141,6 +147,8 @@ def test_charts_json_returns_the_stats_selectors_output(project, manager, known)
     assert body["choices"] == stats.choice_distribution(project=project)
     agreement = json.loads(json.dumps(stats.labeler_agreement(project=project)["per_labeler"]))
     assert body["agreement_by_labeler"] == agreement
+    daily = json.loads(json.dumps(stats.labeler_agreement(project=project)["daily"], cls=DjangoJSONEncoder))
+    assert body["agreement_daily"] == daily and len(daily) == stats.AGREEMENT_DAYS
 
 
 @pytest.mark.django_db

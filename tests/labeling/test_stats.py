@@ -175,6 +175,35 @@ def test_two_labelers_on_four_pairs_give_hand_computed_kappa_and_alpha(project):
 
 
 @pytest.mark.django_db
+def test_agreement_over_time_counts_each_pair_on_the_utc_day_of_its_latest_label(project):
+    ann, bob, cid = (_member(project, username=name) for name in ("ann", "bob", "cid"))
+    agreed, split, three, late, single, old = PairFactory.create_batch(6, project=project)
+    # Two labelers agree; the second label comes the next day, so the pair counts on that day.
+    _label(agreed, ann, "a", at=datetime(2026, 1, 8, 23, 50, tzinfo=UTC))
+    _label(agreed, bob, "a", at=datetime(2026, 1, 9, 0, 10, tzinfo=UTC))
+    # Same day: a disagreement (0) and three labels with one dissent (a-a-b: 2 of 6 label pairs agree, 1/3).
+    _label(split, ann, "a", at=datetime(2026, 1, 9, 8, tzinfo=UTC))
+    _label(split, bob, "b", at=datetime(2026, 1, 9, 9, tzinfo=UTC))
+    for labeler, choice in ((ann, "a"), (bob, "a"), (cid, "b")):
+        _label(three, labeler, choice, at=datetime(2026, 1, 9, 10, tzinfo=UTC))
+    # Today, agreeing on a tie; a pair with one label never counts; one completed before the window is left out.
+    _label(late, ann, "tie", at=NOW.replace(hour=1))
+    _label(late, cid, "tie", at=NOW.replace(hour=2))
+    _label(single, bob, "a", at=NOW)
+    _label(old, ann, "b", at=datetime(2026, 1, 1, tzinfo=UTC))
+    _label(old, bob, "b", at=datetime(2026, 1, 1, tzinfo=UTC))
+
+    daily = stats.labeler_agreement(project=project, days=3, now=NOW)["daily"]
+    assert [row["day"].isoformat() for row in daily] == ["2026-01-08", "2026-01-09", "2026-01-10"]
+    assert [row["pairs"] for row in daily] == [0, 3, 1]
+    assert daily[0]["percent_agreement"] is None
+    assert daily[1]["percent_agreement"] == pytest.approx((1 + 0 + 1 / 3) / 3)
+    assert daily[2]["percent_agreement"] == 1.0
+    # The window defaults to AGREEMENT_DAYS and is part of the project's statistics.
+    assert len(stats.project_stats(project=project, now=NOW)["agreement"]["daily"]) == stats.AGREEMENT_DAYS
+
+
+@pytest.mark.django_db
 def test_three_labelers_with_ties_separate_decisive_pairs_and_pairwise_kappa(project):
     ann, bob, cid = (_member(project, username=name) for name in ("ann", "bob", "cid"))
     x, y, z = PairFactory.create_batch(3, project=project)

@@ -68,6 +68,15 @@
         },
         options: {scales: {y: {beginAtZero: true, ticks: {precision: 0}}}}
       });
+      draw("chart-agreement-daily", {
+        type: "line",
+        data: {
+          labels: data.agreement_daily.map(function (d) { return d.day; }),
+          datasets: [{label: "Percent agreement", borderColor: PALETTE[2], backgroundColor: PALETTE[2], tension: 0.2,
+                      spanGaps: true, data: data.agreement_daily.map(function (d) { return d.percent_agreement; })}]
+        },
+        options: {scales: {y: {min: 0, max: 1}}}
+      });
       draw("chart-agreement", {
         type: "bar",
         data: {
