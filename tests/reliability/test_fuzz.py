@@ -279,6 +279,7 @@ def test_every_operation_as_every_role_answers_as_documented(world, fresh_caches
     assert not world.failures, "\n\n".join(f"[{role}] {label}: {text}"
                                            for (role, label, _), text in sorted(world.failures.items()))
     assert all(count > 0 for count in per_role.values())
+    assert total >= 1000, f"only {total} generated requests; the suite promises at least 1,000"
     # The real values in the hooks are what lets requests past the permission checks and 404s; if most
     # operations never succeed, the fixtures or the hooks broke and the run above proved little.
     succeeded = {label for (label, code), _ in world.statuses.items() if 200 <= code < 300}

@@ -511,9 +511,11 @@ def run_row(world: World, role: str, row: Row) -> str | None:
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("role", ROLES)
-def test_every_route_answers_each_caller_as_the_table_says(world, role):
-    failures = [problem for row in all_rows() if (problem := run_row(world, role, row))]
+def test_every_route_answers_each_caller_as_the_table_says(world, role, figure):
+    rows = all_rows()
+    failures = [problem for row in rows if (problem := run_row(world, role, row))]
     assert not failures, f"{len(failures)} rows disagree for {role}:\n" + "\n".join(failures)
+    figure(f"[permissions] {role}: {len(rows)} routes and methods answered as the table says")
 
 
 @pytest.mark.django_db

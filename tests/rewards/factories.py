@@ -15,6 +15,7 @@ class ImportedComparisonFactory(factory.django.DjangoModelFactory):
         model = Comparison
 
     pair = factory.SubFactory(PairFactory)
+    project = factory.SelfAttribute("pair.project")
     source = Comparison.Source.IMPORT
     labeler = None
     choice = Comparison.Choice.A

@@ -247,7 +247,8 @@ def _submit(project, tmp_path, **hyperparameters) -> TrainingRun:
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_run_whose_worker_is_killed_resumes_from_its_checkpoint_in_a_new_worker(project, tmp_path, workers):
+def test_a_run_whose_worker_is_killed_resumes_from_its_checkpoint_in_a_new_worker(project, tmp_path, workers,
+                                                                                    figure):
     from transformers import AutoModelForSequenceClassification
 
     run = _submit(project, tmp_path, save_steps=5)
@@ -289,9 +290,9 @@ def test_a_run_whose_worker_is_killed_resumes_from_its_checkpoint_in_a_new_worke
     assert AutoModelForSequenceClassification.from_pretrained(artifact).config.num_labels == 1
     assert not list(artifact.glob("checkpoint-*")) and not checkpoints.exists()
     assert RewardModel.objects.filter(training_run=done).count() == 1
-    print(f"\nworker killed at step {running.step}/{STEPS} after checkpoint-{resumed}; the new worker found the run "
-          f"lost {detection:.1f} s after the kill (its start included) and resumed it from step {resumed}; "
-          f"succeeded in {done.attempts} attempts, {total:.1f} s after the kill")
+    figure(f"[faults] worker killed at step {running.step}/{STEPS} after checkpoint-{resumed}; the new worker found "
+           f"the run lost {detection:.1f} s after the kill (its start included) and resumed it from step {resumed}; "
+           f"succeeded in {done.attempts} attempts, {total:.1f} s after the kill")
 
 
 @pytest.mark.postgres
