@@ -79,6 +79,12 @@ class LabelerAgreementOutput(serializers.Serializer):
     agreement = _rate("Share of the other labels on their pairs that match theirs.")
 
 
+class AgreementDayOutput(serializers.Serializer):
+    day = serializers.DateField(help_text="The UTC day.")
+    pairs = serializers.IntegerField(help_text="Pairs with two or more human labels whose latest label came that day.")
+    percent_agreement = _rate("Their mean share of agreeing label pairs; null on a day without any.")
+
+
 class AgreementOutput(serializers.Serializer):
     labels = serializers.IntegerField(help_text="Human labels on pairs with two or more human labels.")
     labelers = serializers.IntegerField()
@@ -89,6 +95,7 @@ class AgreementOutput(serializers.Serializer):
                                          help_text="Set when exactly two labelers share pairs; see pairwise_kappa.")
     pairwise_kappa = PairwiseKappaOutput(many=True)
     per_labeler = LabelerAgreementOutput(many=True)
+    daily = AgreementDayOutput(many=True, help_text="Agreement over time: the last 14 UTC days, the current one last.")
 
 
 class GoldLabelerOutput(serializers.Serializer):

@@ -318,6 +318,9 @@ def test_api_returns_stats_to_managers_and_admins(project, manager, admin_user):
         assert body["throughput"]["hours"] == 6 and len(body["throughput"]["buckets"]) == 6
         assert sum(bucket["comparisons"] for bucket in body["throughput"]["buckets"]) == 2
         assert body["agreement"]["with_ties"] == {"pairs": 1, "percent_agreement": 0.0, "unanimous_share": 0.0}
+        daily = body["agreement"]["daily"]
+        assert len(daily) == stats.AGREEMENT_DAYS and daily[-1]["pairs"] == 1
+        assert daily[-1]["percent_agreement"] == 0.0 and daily[0]["percent_agreement"] is None
         assert body["gold"]["accuracy"] is None
 
 
