@@ -114,34 +114,30 @@ def run_plain_trl(train, evaluation, settings: dict, workdir: Path) -> dict:
             "train_pairs_used": kept, "shortened": 0, "train_runtime": output.metrics["train_runtime"]}
 
 
-def left_truncated_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
-    """[CLS] prompt response [SEP] in at most max_length tokens, cutting the prompt from the left."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    budget = max_length - 2
-    response_ids = response_ids[:budget]
-    prompt_ids = prompt_ids[len(prompt_ids) - (budget - len(response_ids)):] if budget > len(response_ids) else []
-    return [tokenizer.cls_token_id, *prompt_ids, *response_ids, tokenizer.sep_token_id]
-
-
 def run_plain_trl_same_pairs(train, evaluation, settings: dict, workdir: Path) -> dict:
-    """The equal-work baseline: a plain TRL script that keeps every pair by cutting prompts from the left
-    itself (pre-tokenized rows, which TRL trains as given), so its training set matches the service's; it
-    scores the held-out pairs the same way, as the service's run does at its end."""
+    """The equal-work baseline: a plain TRL script trained on exactly the token ids the service trains on
+    (every pair kept, prompts cut from the left by the service's own encoder; pre-tokenized rows, which TRL
+    trains as given), so the two runs differ only in what the service does around the trainer. It scores the
+    held-out pairs the same way, as the service's run does at its end."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     from rewards.embedded import minilm_path
+    from rewards.training.data import RewardEncoder, RewardFormat
 
     started = time.perf_counter()
     base = str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(base)
     length = settings["max_length"]
-    rows = {"chosen_ids": [left_truncated_ids(tokenizer, hh_text(e.prompt), " " + e.chosen, length) for e in train],
-            "rejected_ids": [left_truncated_ids(tokenizer, hh_text(e.prompt), " " + e.rejected, length)
-                             for e in train]}
+    encoder = RewardEncoder(tokenizer, RewardFormat.for_tokenizer(tokenizer, max_length=length))
+
+    def ids(examples) -> list[list[int]]:
+        return [side.input_ids for example in examples for side in encoder.encode_pair(example)]
+
+    encoded = ids(train)
+    rows = {"chosen_ids": encoded[0::2], "rejected_ids": encoded[1::2]}
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = RewardConfig(
         output_dir=str(workdir / "plain-same"), report_to=[], save_strategy="no", disable_tqdm=True, bf16=bf16,
@@ -157,10 +153,8 @@ def run_plain_trl_same_pairs(train, evaluation, settings: dict, workdir: Path) -
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(evaluation), 8):
-            chunk = evaluation[start:start + 8]
-            ids = [left_truncated_ids(tokenizer, hh_text(e.prompt), " " + side, length)
-                   for e in chunk for side in (e.chosen, e.rejected)]
-            batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
+            batch = tokenizer.pad({"input_ids": ids(evaluation[start:start + 8])},
+                                  return_tensors="pt").to(model.device)
             scores = model(**batch).logits[:, 0].view(-1, 2)
             correct += int((scores[:, 0] > scores[:, 1]).sum())
     return {"seconds": time.perf_counter() - started, "accuracy": correct / len(evaluation), "train_pairs_used": kept,
@@ -205,8 +199,8 @@ def main() -> None:
         accuracy = "-" if row["accuracy"] != row["accuracy"] else f"{row['accuracy']:.3f}"
         print(f"{name:<16}{row['seconds']:>7.1f}{row['train_runtime']:>9.1f}{per_pair:>8.3f}"
               f"{row['train_pairs_used']:>11} / {len(train):<4}{row['shortened']:>11}{accuracy:>10}")
-    print("'plain, same' trains plain TRL on the service's pairs (every pair kept, prompts cut from the left): "
-          "the equal-work baseline for the overhead.")
+    print("'plain, same' trains plain TRL on the token ids the service trains on (every pair kept, prompts cut "
+          "from the left): the equal-work baseline for the overhead.")
     print(f"overhead, equal work: wall preflab / plain-same {recipe['seconds'] / same['seconds']:.3f}, "
           f"training loop {recipe['train_runtime'] / same['train_runtime']:.3f} (target <= 1.05)")
     print(f"wall-time ratio preflab / plain TRL with its defaults: {recipe['seconds'] / plain['seconds']:.2f}")

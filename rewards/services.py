@@ -272,7 +272,7 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
 
     run = TrainingRun.objects.select_related("project", "reward_model").get(pk=run_id)
     # Imported here: it pulls in transformers, which the web process should not load to serve pages.
-    from rewards.progress import RunHeartbeat, RunProgressCallback
+    from rewards.progress import CheckpointSpacing, RunHeartbeat, RunProgressCallback
 
     output_dir = _output_dir(run)
     checkpoint_dir = training_run_checkpoint_dir(run=run)
@@ -294,8 +294,9 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
         recipe = _recipe(run.kind)
         base_model = run.base_model or str(recipe.default_base_model())
         metadata = {"preflab_training_run": run.pk, "project": run.project.slug, "dataset_hash": run.dataset_hash}
+        spacing = CheckpointSpacing(min_seconds=float(settings.PREFLAB["TRAINING_CHECKPOINT_MIN_SECONDS"]))
         common: dict[str, Any] = {"output_dir": output_dir, "hyperparameters": run.hyperparameters,
-                                  "callbacks": [progress, *callbacks], "metadata": metadata,
+                                  "callbacks": [progress, spacing, *callbacks], "metadata": metadata,
                                   "checkpoint_dir": checkpoint_dir, "resume_from_checkpoint": resume_from}
         if run.kind == TrainingRun.Kind.RLHF:
             train_ids = set(run.train_pair_ids)

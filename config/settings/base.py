@@ -193,6 +193,8 @@ PREFLAB = {
     "TRAINING_HEARTBEAT_SECONDS": env.float("PREFLAB_TRAINING_HEARTBEAT_SECONDS", default=20.0),
     # A run whose worker was lost resumes from its last checkpoint until it has been started this many times.
     "TRAINING_MAX_ATTEMPTS": env.int("PREFLAB_TRAINING_MAX_ATTEMPTS", default=3),
+    # Checkpoints (every save_steps) are kept at least this far apart, so short runs do not spend their time saving.
+    "TRAINING_CHECKPOINT_MIN_SECONDS": env.float("PREFLAB_TRAINING_CHECKPOINT_MIN_SECONDS", default=120.0),
     # Folders the API may register reward models from (the management command takes any path).
     "MODEL_IMPORT_DIRS": [Path(p) for p in env.list("PREFLAB_MODEL_IMPORT_DIRS",
                                                      default=[str(VAR_DIR / "models")])],

@@ -258,3 +258,43 @@ def test_smollm2_is_materialized_into_a_plain_checkpoint_that_generates(tmp_path
     text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     # Five greedy tokens of the real model: "The capital of France is".
     assert text.startswith("The capital of France")
+
+
+def test_checkpoint_spacing_skips_saves_that_come_too_soon_after_the_last_one():
+    from transformers import TrainerControl
+
+    from rewards.progress import CheckpointSpacing
+
+    now = [100.0]
+    spacing = CheckpointSpacing(min_seconds=120, clock=lambda: now[0])
+
+    def asks_to_save() -> bool:
+        control = TrainerControl(should_save=True)
+        return spacing.on_step_end(None, None, control).should_save
+
+    assert asks_to_save()  # the first checkpoint is always written
+    spacing.on_save(None, None, TrainerControl())
+    now[0] += 119
+    assert not asks_to_save()
+    now[0] += 2
+    assert asks_to_save()
+    assert not spacing.on_step_end(None, None, TrainerControl(should_save=False)).should_save
+
+
+def test_a_spaced_run_keeps_its_first_checkpoint_where_save_steps_alone_would_keep_the_last(tmp_path):
+    from rewards.progress import CheckpointSpacing
+    from rewards.training.common import latest_checkpoint
+
+    base = tiny_reward_model(tmp_path)
+    pairs = preference_pairs()
+    hp = {**FAST, "save_steps": 1, "per_device_train_batch_size": 4, "num_train_epochs": 1}
+    kept = {}
+    for name, callbacks in (("spaced", [CheckpointSpacing(min_seconds=3600)]), ("every-step", [])):
+        checkpoints = tmp_path / f"checkpoints-{name}"
+        result = train_reward_model(base_model=str(base), train=pairs[:12], eval=[], output_dir=tmp_path / name,
+                                    hyperparameters=hp, callbacks=callbacks, checkpoint_dir=checkpoints)
+        assert result.artifact.is_dir()
+        kept[name] = latest_checkpoint(checkpoints).name
+    # Only the latest checkpoint is kept: with saves an hour apart that is still the first one (12 pairs in
+    # batches of 4: 3 steps).
+    assert kept == {"spaced": "checkpoint-1", "every-step": "checkpoint-3"}
