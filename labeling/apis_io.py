@@ -1,8 +1,6 @@
 """HTTP API for moving preference data in and out of a project: JSONL upload and streamed JSONL download."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -17,23 +15,6 @@ from rest_framework.views import APIView
 from labeling import exports, imports, selectors
 from labeling.apis import ERRORS
 from labeling.errors import DomainError
-
-# The export is sent in blocks of about this many characters: written line by line, the server spent more time on
-# one socket write and chunk header per line than on producing the lines.
-EXPORT_BLOCK_CHARS = 64 * 1024
-
-
-def _blocks(lines: Iterator[str], size: int = EXPORT_BLOCK_CHARS) -> Iterator[bytes]:
-    buffer: list[str] = []
-    buffered = 0
-    for line in lines:
-        buffer.append(line)
-        buffered += len(line)
-        if buffered >= size:
-            yield "".join(buffer).encode("utf-8")
-            buffer, buffered = [], 0
-    if buffer:
-        yield "".join(buffer).encode("utf-8")
 
 
 class _FormatIsNotARenderer(DefaultContentNegotiation):
@@ -107,6 +88,6 @@ class PreferencesExportApi(APIView):
         data.is_valid(raise_exception=True)
         fmt = data.validated_data["format"]
         lines = exports.preferences_export(project=project, format=fmt)
-        response = StreamingHttpResponse(_blocks(lines), content_type="application/jsonl; charset=utf-8")
+        response = StreamingHttpResponse(exports.blocks(lines), content_type="application/jsonl; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{project.slug}-{fmt}.jsonl"'
         return response

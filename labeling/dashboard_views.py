@@ -216,7 +216,7 @@ class ProjectExportView(LoginRequiredMixin, View):
         except DomainError as exc:
             messages.error(request, f"{exc.field}: {exc.message}" if exc.field else exc.message)
             return redirect("dashboard:project", slug=project.slug)
-        response = StreamingHttpResponse(lines, content_type="application/jsonl; charset=utf-8")
+        response = StreamingHttpResponse(exports.blocks(lines), content_type="application/jsonl; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="{project.slug}-{fmt}.jsonl"'
         return response
 

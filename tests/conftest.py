@@ -45,6 +45,23 @@ def figure(capsys) -> Callable[[str], None]:
 
 
 @pytest.fixture
+def fresh_caches():
+    """No loaded model pool or cached answer carried into or out of the test."""
+    from django.core.cache import cache
+
+    from rewards import generation, serving
+
+    def clear() -> None:
+        serving.pool.clear()
+        generation.pool.clear()
+        cache.clear()
+
+    clear()
+    yield
+    clear()
+
+
+@pytest.fixture
 def is_postgres() -> bool:
     return connection.vendor == "postgresql"
 

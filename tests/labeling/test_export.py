@@ -180,3 +180,13 @@ def test_hh_import_then_trl_export_trains_a_reward_model_with_trl(project, tmp_p
     assert len(losses) == 2
     assert any(not (old == new).all() for old, new in zip(before, model.parameters(), strict=True))
     assert Pair.objects.filter(project=project).count() == 39
+
+
+def test_blocks_join_lines_into_bounded_utf8_chunks_without_changing_a_byte():
+    from labeling.exports import blocks
+
+    lines = [f'{{"n": {i}, "text": "é{"x" * (i % 7)}"}}\n' for i in range(1000)]
+    chunks = list(blocks(iter(lines), size=256))
+    assert b"".join(chunks) == "".join(lines).encode("utf-8")
+    assert len(chunks) > 1 and all(len(chunk.decode("utf-8")) < 256 + max(map(len, lines)) for chunk in chunks)
+    assert list(blocks(iter([]))) == []

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from django.core.cache import cache
 from django.core.signals import request_finished, request_started
 from django.db import close_old_connections, transaction
 from django.utils import timezone
@@ -38,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from labeling.errors import DomainError
 from labeling.models import ApiToken, Comparison, Membership
 from labeling.services import api_token_create, pair_next_for_labeler
-from rewards import generation, serving
+from rewards import generation
 from rewards.models import Policy, TrainingRun
 from rewards.services import reward_model_register
 from tests.factories import PairFactory, ProjectFactory, UserFactory
@@ -155,16 +154,6 @@ def world(db, settings, model_dirs, monkeypatch, tmp_path) -> World:
     }
     return World(headers=headers, real=real)
 
-
-@pytest.fixture
-def fresh_caches():
-    serving.pool.clear()
-    generation.pool.clear()
-    cache.clear()
-    yield
-    serving.pool.clear()
-    generation.pool.clear()
-    cache.clear()
 
 
 @pytest.fixture

@@ -40,7 +40,6 @@ from django.contrib import admin
 from django.contrib.auth.hashers import get_hasher, identify_hasher
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
-from django.core.cache import cache
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection, transaction
 from django.shortcuts import resolve_url
@@ -50,7 +49,6 @@ from rest_framework.test import APIClient
 
 from labeling.models import ApiToken, Comparison, Lease, Membership
 from labeling.services import api_token_create
-from rewards import generation, serving
 from rewards.models import Policy, RewardModelDeployment
 from rewards.services import reward_model_register
 from tests.factories import PairFactory, ProjectFactory, UserFactory
@@ -323,14 +321,8 @@ def model_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def fresh_state():
-    serving.pool.clear()
-    generation.pool.clear()
-    cache.clear()
+def fresh_state(fresh_caches):
     yield
-    serving.pool.clear()
-    generation.pool.clear()
-    cache.clear()
 
 
 @dataclass
