@@ -4,10 +4,10 @@ The server and the raw baseline take turns, round by round, so neither runs whil
 machine they would fight over the same cores) and a change of load on the machine reaches both alike:
 
 - rerank, concurrency 1: each request's latency against the raw work for the same request in this process (the
-  same tokenization and truncation, the candidates sorted by length and scored in forward batches of the size the
-  server uses), no HTTP, database, cache or micro-batching;
+  same tokenization and truncation, `RewardScorer.score_ids` with the forward batch size the server uses: sorted
+  by length, batches planned by length), no HTTP, database, cache or micro-batching;
 - rerank, concurrency > 1: candidates per second against offline batched scoring of all the round's candidates
-  at once (sorted by length over the whole round, the same forward batch size);
+  at once (one `score_ids` call over the whole round, the same forward batch size);
 - cache hits: the latency of repeated requests, over a kept-alive connection as a product's HTTP client holds;
 - generate: tokens per second of /generate/ (seeded sampling, no reranking) against `model.generate` with the
   same prompt ids, settings and seed.
@@ -173,27 +173,17 @@ def percentile(values: list[float], share: float) -> float:
 # --- the raw side --------------------------------------------------------------------------------------------
 
 
-def raw_sorted_scores(scorer, sequences: list[list[int]], *, forward_batch: int) -> list[float]:
-    """Scores of encoded sequences, scored in length order in forward batches, put back in the given order."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    sorted_scores = scorer.score_ids([sequences[i] for i in order], batch_size=forward_batch)
-    scores = [0.0] * len(sequences)
-    for position, index in enumerate(order):
-        scores[index] = sorted_scores[position]
-    return scores
-
-
 def raw_request(scorer, prompt, candidates, *, forward_batch: int) -> tuple[float, list[float]]:
     started = time.perf_counter()
     encoded = [scorer.encode(prompt, candidate).input_ids for candidate in candidates]
-    scores = raw_sorted_scores(scorer, encoded, forward_batch=forward_batch)
+    scores = scorer.score_ids(encoded, batch_size=forward_batch)
     return time.perf_counter() - started, scores
 
 
 def raw_offline(scorer, requests, *, forward_batch: int) -> float:
     started = time.perf_counter()
     encoded = [scorer.encode(prompt, c).input_ids for prompt, candidates in requests for c in candidates]
-    raw_sorted_scores(scorer, encoded, forward_batch=forward_batch)
+    scorer.score_ids(encoded, batch_size=forward_batch)
     return time.perf_counter() - started
 
 
@@ -413,7 +403,7 @@ def main() -> None:
           f" on both sides ({_cores()} cores) | forward batch {args.forward_batch}, window {args.batch_window_ms} ms"
           f" | {args.rounds} rounds per cell: {args.requests} requests at concurrency 1, at least"
           f" {args.stream_candidates} candidates above")
-    print("rerank (raw: same encoding, sorted forward batches; concurrency 1 per request, higher: offline batched)")
+    print("rerank (raw: same encoding, same score_ids; concurrency 1 per request, higher: offline over the round)")
     print(f"{'N':>4}{'conc':>6}{'p50 ms':>10}{'p95 ms':>10}{'raw p50 ms':>12}{'cand/s':>9}{'raw cand/s':>12}"
           f"{'ratio':>8}")
     for row in rows:

@@ -37,6 +37,41 @@ def read_manifest(path: str | Path) -> dict:
     return json.loads(manifest.read_text(encoding="utf-8"))
 
 
+# The fixed cost of one forward pass, in padded tokens' worth of work: on a CPU a pass costs little beyond its
+# tokens, so batches stay tight around similar lengths; on a GPU a pass costs about as much as a thousand tokens,
+# so fewer, wider batches win. Measured with bench/rerank.py --plan on MiniLM.
+FORWARD_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 1024}
+
+
+def forward_overhead_tokens(device: str) -> int:
+    return FORWARD_OVERHEAD_TOKENS.get(str(device).split(":")[0], FORWARD_OVERHEAD_TOKENS["cuda"])
+
+
+def forward_batches_plan(lengths: Sequence[int], *, max_batch: int, overhead_tokens: int) -> list[tuple[int, int]]:
+    """Splits sequences sorted by length (ascending) into forward batches [(start, end), ...] of at most
+    `max_batch`, with the least total cost: each batch costs its padded size (count x longest) plus
+    `overhead_tokens`. A fixed batch size pads a short reply to the longest one beside it; on real replies,
+    whose lengths vary widely, that was a third of the work in a 16-candidate request.
+    """
+    if max_batch < 1:
+        raise ValueError("max_batch must be at least 1.")
+    count = len(lengths)
+    if any(lengths[i] > lengths[i + 1] for i in range(count - 1)):
+        raise ValueError("lengths must be sorted in ascending order.")
+    best = [0] + [0] * count
+    cut = [0] * (count + 1)
+    for end in range(1, count + 1):
+        width = lengths[end - 1]
+        best[end], cut[end] = min((best[start] + overhead_tokens + (end - start) * width, start)
+                                  for start in range(max(0, end - max_batch), end))
+    plan = []
+    end = count
+    while end > 0:
+        plan.append((cut[end], end))
+        end = cut[end]
+    return plan[::-1]
+
+
 class RewardScorer:
     """A sequence-classification reward model loaded once; `score` may be called from several threads.
 
@@ -54,6 +89,7 @@ class RewardScorer:
         self.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         # Fast tokenizers may not be entered from two threads at once ("Already borrowed").
         self._tokenizer_lock = threading.Lock()
+        self.forward_overhead_tokens = forward_overhead_tokens(device)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | None = None) -> RewardScorer:
@@ -84,17 +120,29 @@ class RewardScorer:
         with self._tokenizer_lock:
             return self.encoder.encode(prompt, response)
 
-    def score_ids(self, sequences: Sequence[Sequence[int]], *, batch_size: int = 16) -> list[float]:
-        """Rewards of already encoded sequences, right-padded per batch as in training."""
+    def score_ids(self, sequences: Sequence[Sequence[int]], *, batch_size: int = 16,
+                  overhead_tokens: int | None = None) -> list[float]:
+        """Rewards of already encoded sequences, in the order given, right-padded per batch as in training.
+
+        The sequences are scored in length order, in the forward batches `forward_batches_plan` picks (at most
+        `batch_size` each), so a batch pads only to the longest of neighbours of similar length.
+        `overhead_tokens` overrides the device's cost of a forward pass (a huge value gives the fewest batches).
+        """
         import torch
 
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1.")
-        scores: list[float] = []
+        if not sequences:
+            return []
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        lengths = [len(sequences[i]) for i in order]
+        scores = [0.0] * len(sequences)
         with torch.inference_mode():
-            for start in range(0, len(sequences), batch_size):
-                batch = sequences[start:start + batch_size]
-                width = max(len(ids) for ids in batch)
+            for start, end in forward_batches_plan(lengths, max_batch=batch_size,
+                                                   overhead_tokens=(self.forward_overhead_tokens if overhead_tokens
+                                                                    is None else overhead_tokens)):
+                batch = [sequences[i] for i in order[start:end]]
+                width = lengths[end - 1]
                 input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
                 attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for row, ids in enumerate(batch):
@@ -102,7 +150,8 @@ class RewardScorer:
                     attention_mask[row, :len(ids)] = 1
                 logits = self.model(input_ids=input_ids.to(self.device),
                                     attention_mask=attention_mask.to(self.device)).logits
-                scores.extend(logits[:, 0].float().cpu().tolist())
+                for index, score in zip(order[start:end], logits[:, 0].float().cpu().tolist(), strict=True):
+                    scores[index] = score
         return scores
 
     def score(self, prompt: str | Messages, candidates: Sequence[str], *, batch_size: int = 16) -> list[float]:
@@ -124,13 +173,7 @@ def evaluate_preferences(scorer: RewardScorer, examples: Sequence[PreferenceExam
         sequences += [chosen.input_ids, rejected.input_ids]
         buckets.append(length_bucket(chosen.prompt_tokens))
         shortened += chosen.shortened or rejected.shortened
-    # Scoring in length order keeps padding small; the scores are put back in place afterwards.
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    sorted_scores = scorer.score_ids([sequences[i] for i in order], batch_size=batch_size)
-    scores = [0.0] * len(sequences)
-    for position, index in enumerate(order):
-        scores[index] = sorted_scores[position]
-
+    scores = scorer.score_ids(sequences, batch_size=batch_size)
     margins = [scores[2 * i] - scores[2 * i + 1] for i in range(len(examples))]
     by_length: dict[str, dict] = {}
     for bucket, margin in zip(buckets, margins, strict=True):

@@ -65,10 +65,10 @@ class MicroBatcher:
     """Collects the encoded candidates of concurrent requests for one model and scores them together.
 
     The first request to arrive opens a window of `window_ms`; requests arriving within it (up to
-    `max_items` candidates in all) join the same pass. The pass sorts its candidates by length and runs them
-    through the model `forward_batch` at a time, as offline scoring does: each forward pads only to its own
-    longest sequence. Each caller gets back exactly its own scores, in its own order. One daemon thread per
-    model does the forward passes, so torch runs one batch at a time per model instead of one per request thread.
+    `max_items` candidates in all) join the same pass. The scorer sorts the pass's candidates by length and runs
+    them in forward batches of at most `forward_batch` of similar length, as offline scoring does. Each caller
+    gets back exactly its own scores, in its own order. One daemon thread per model does the forward passes, so
+    torch runs one batch at a time per model instead of one per request thread.
     """
 
     def __init__(self, score_ids: Callable[..., list[float]], *, window_ms: float, max_items: int,
@@ -135,21 +135,15 @@ class MicroBatcher:
             if batch is None:
                 return
             flat = [ids for pending in batch for ids in pending.sequences]
-            # Scoring in length order keeps padding small; the scores are put back in place afterwards. Real
-            # replies vary a lot in length: one padded forward of 64 HH replies is about 60% real tokens, sorted
-            # forwards of 16 about 90%.
-            order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
             try:
-                sorted_scores = self._score_ids([flat[i] for i in order], batch_size=self.forward_batch)
+                # The scorer sorts the whole pass by length and batches neighbours of similar length.
+                scores = self._score_ids(flat, batch_size=self.forward_batch)
             except BaseException as exc:  # handed to every waiting caller, who re-raises it
                 logger.exception("reranking forward pass failed")
                 for pending in batch:
                     pending.error = exc
                     pending.done.set()
                 continue
-            scores = [0.0] * len(flat)
-            for position, index in enumerate(order):
-                scores[index] = sorted_scores[position]
             self.passes.append((len(batch), len(flat)))
             RERANK_BATCH_SIZE.observe(len(flat))
             start = 0

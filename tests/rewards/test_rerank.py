@@ -364,7 +364,7 @@ def test_a_failed_forward_pass_reaches_every_caller_and_the_batcher_keeps_going(
         batcher.stop()
 
 
-def test_a_pass_sorts_by_length_and_runs_forward_batches_of_the_set_size():
+def test_a_pass_hands_the_scorer_all_its_candidates_with_the_forward_batch_size():
     calls = []
 
     def score_ids(sequences, *, batch_size):
@@ -377,7 +377,8 @@ def test_a_pass_sorts_by_length_and_runs_forward_batches_of_the_set_size():
         assert batcher.score([[0] * n for n in lengths]) == [float(n) for n in lengths]
     finally:
         batcher.stop()
-    assert calls == [([1, 2, 4, 7, 8, 9], 4)]
+    # The scorer sorts the pass by length and plans its forward batches (tests/rewards/test_scoring.py).
+    assert calls == [([7, 2, 9, 4, 1, 8], 4)]
 
 
 @pytest.mark.django_db

@@ -10,7 +10,7 @@ from django.core.management import CommandError, call_command
 from transformers import AutoTokenizer
 
 from rewards.embedded import minilm_path, smollm2_tokenizer_path
-from rewards.scoring import RewardScorer, evaluate_preferences, length_bucket
+from rewards.scoring import RewardScorer, evaluate_preferences, forward_batches_plan, length_bucket
 from rewards.training.data import PreferenceExample, RewardEncoder, RewardFormat, split_by_prompt
 from tests.rewards.tiny import tiny_reward_model
 
@@ -175,6 +175,64 @@ def test_scoring_from_several_threads_gives_the_same_scores(tiny_scorer):
         thread.join()
     assert not errors
     assert len(results) == 20 and all(r == pytest.approx(expected, abs=1e-5) for r in results)
+
+
+def _plan_cost(lengths, plan, overhead):
+    return sum(overhead + (end - start) * lengths[end - 1] for start, end in plan)
+
+
+def _partitions(count, max_batch):
+    """Every split of range(count) into contiguous batches of at most max_batch."""
+    if count == 0:
+        yield []
+        return
+    for size in range(1, min(max_batch, count) + 1):
+        for rest in _partitions(count - size, max_batch):
+            yield [(0, size), *[(start + size, end + size) for start, end in rest]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_forward_plan_is_the_cheapest_split(seed):
+    import random
+
+    rng = random.Random(seed)
+    lengths = sorted(rng.randint(3, 300) for _ in range(8))
+    for max_batch, overhead in ((3, 0), (4, 64), (8, 1024)):
+        plan = forward_batches_plan(lengths, max_batch=max_batch, overhead_tokens=overhead)
+        assert [start for start, _ in plan] == [0, *[end for _, end in plan[:-1]]] and plan[-1][1] == len(lengths)
+        assert all(end - start <= max_batch for start, end in plan)
+        cheapest = min(_plan_cost(lengths, p, overhead) for p in _partitions(len(lengths), max_batch))
+        assert _plan_cost(lengths, plan, overhead) == cheapest
+
+
+def test_the_forward_plan_separates_short_and_long_sequences_unless_a_pass_is_dear():
+    lengths = [10, 11, 12, 12, 240, 250]
+    assert forward_batches_plan(lengths, max_batch=16, overhead_tokens=64) == [(0, 4), (4, 6)]
+    assert forward_batches_plan(lengths, max_batch=16, overhead_tokens=10**6) == [(0, 6)]
+    assert forward_batches_plan([], max_batch=4, overhead_tokens=0) == []
+    with pytest.raises(ValueError, match="sorted"):
+        forward_batches_plan([5, 3], max_batch=4, overhead_tokens=0)
+
+
+def test_score_ids_runs_the_planned_batches_and_answers_in_the_given_order(tiny_scorer, monkeypatch):
+    sequences = [tiny_scorer.encode("hello", "word " * n).input_ids for n in (40, 1, 38, 2, 39, 3)]
+    expected = [tiny_scorer.score_ids([ids])[0] for ids in sequences]
+    shapes = []
+    forward = tiny_scorer.model.forward
+
+    def recording_forward(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_scorer.model, "forward", recording_forward)
+    scores = tiny_scorer.score_ids(sequences, batch_size=16, overhead_tokens=8)
+    assert scores == pytest.approx(expected, abs=1e-5)
+    lengths = sorted(len(ids) for ids in sequences)
+    # Three short and three long sequences: two passes, each as wide as its own longest sequence.
+    assert shapes == [(3, lengths[2]), (3, lengths[5])]
+    shapes.clear()
+    tiny_scorer.score_ids(sequences, batch_size=16, overhead_tokens=10**6)
+    assert shapes == [(6, lengths[5])]
 
 
 class LengthScorer:
