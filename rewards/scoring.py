@@ -37,9 +37,10 @@ def read_manifest(path: str | Path) -> dict:
     return json.loads(manifest.read_text(encoding="utf-8"))
 
 
-# The fixed cost of one forward pass, in padded tokens' worth of work: on a CPU a pass costs little beyond its
-# tokens, so batches stay tight around similar lengths; on a GPU a pass costs about as much as a thousand tokens,
-# so fewer, wider batches win. Measured with bench/rerank.py --plan on MiniLM.
+# The fixed cost of one forward pass, in padded tokens' worth of work. On a CPU a pass costs little beyond its
+# tokens (MiniLM on 2 cores: about 13 ms, some 70 tokens' worth, measured by bench/forward_plan.py), so batches stay
+# tight around similar lengths. On a GPU the tokens are cheap and the launches are not, so fewer, wider batches win;
+# 1024 there is an estimate, not a measurement.
 FORWARD_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 1024}
 
 
