@@ -152,8 +152,7 @@ def test_the_same_request_gives_the_same_body_and_a_cache_hit_does_no_model_work
 
 @pytest.mark.django_db
 def test_reranking_works_when_the_cache_server_is_down(project, deployed, rerank_client, settings):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
-                                   "LOCATION": "redis://127.0.0.1:9/0"}}
+    settings.CACHES = {"default": {"BACKEND": "config.cache.RedisCache", "LOCATION": "redis://127.0.0.1:9/0"}}
     first = _post(rerank_client, project)
     second = _post(rerank_client, project)
     assert first.status_code == second.status_code == 200
