@@ -25,14 +25,29 @@ from rerank import DEFAULT_DATA, Texts, build_default_model
 FEWEST_PASSES = 10**9
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers separated by commas") from exc
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--sizes", default="4,16,64", help="Candidates per request (comma-separated).")
-    parser.add_argument("--group", type=int, default=1, help="Requests scored together in one call.")
-    parser.add_argument("--requests", type=int, default=24, help="Requests per size.")
-    parser.add_argument("--forward-batch", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--sizes", type=positive_ints, default=[4, 16, 64],
+                        help="Candidates per request (comma-separated).")
+    parser.add_argument("--group", type=positive_int, default=1, help="Requests scored together in one call.")
+    parser.add_argument("--requests", type=positive_int, default=24, help="Requests per size.")
+    parser.add_argument("--forward-batch", type=positive_int, default=16)
+    parser.add_argument("--max-length", type=positive_int, default=256)
     return parser.parse_args()
 
 
@@ -84,7 +99,7 @@ def main() -> None:
           f"{per_token * 1e6:.1f} us/token -> {per_pass / per_token:.0f} tokens per pass "
           f"(scorer uses {scorer.forward_overhead_tokens})")
     print(f"{'N':>4}{'group':>6}{'fixed c/s':>11}{'planned c/s':>13}{'ratio':>7}{'pad fixed':>11}{'pad planned':>13}")
-    for size in [int(s) for s in args.sizes.split(",")]:
+    for size in args.sizes:
         calls = []
         for _ in range(args.requests // args.group or 1):
             seqs = []

@@ -1,7 +1,6 @@
 """Django's Redis cache with one redis client per connection pool, instead of a new client for every operation."""
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from django.core.cache.backends.redis import RedisCache as DjangoRedisCache
@@ -16,14 +15,13 @@ class PooledRedisCacheClient(RedisCacheClient):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._clients: dict[int, Any] = {}
-        self._clients_lock = threading.Lock()
 
     def get_client(self, key: Any = None, *, write: bool = False) -> Any:
         pool = self._get_connection_pool(write)
         client = self._clients.get(id(pool))
         if client is None:
-            with self._clients_lock:
-                client = self._clients.setdefault(id(pool), self._client(connection_pool=pool))
+            # Two threads may both build one; setdefault keeps the first for everyone.
+            client = self._clients.setdefault(id(pool), self._client(connection_pool=pool))
         return client
 
 

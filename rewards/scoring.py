@@ -59,7 +59,7 @@ def forward_batches_plan(lengths: Sequence[int], *, max_batch: int, overhead_tok
     count = len(lengths)
     if any(lengths[i] > lengths[i + 1] for i in range(count - 1)):
         raise ValueError("lengths must be sorted in ascending order.")
-    best = [0] + [0] * count
+    best = [0] * (count + 1)
     cut = [0] * (count + 1)
     for end in range(1, count + 1):
         width = lengths[end - 1]
@@ -137,11 +137,11 @@ class RewardScorer:
             return []
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         lengths = [len(sequences[i]) for i in order]
+        if overhead_tokens is None:
+            overhead_tokens = self.forward_overhead_tokens
         scores = [0.0] * len(sequences)
         with torch.inference_mode():
-            for start, end in forward_batches_plan(lengths, max_batch=batch_size,
-                                                   overhead_tokens=(self.forward_overhead_tokens if overhead_tokens
-                                                                    is None else overhead_tokens)):
+            for start, end in forward_batches_plan(lengths, max_batch=batch_size, overhead_tokens=overhead_tokens):
                 batch = [sequences[i] for i in order[start:end]]
                 width = lengths[end - 1]
                 input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
