@@ -243,7 +243,6 @@ class PairNextApi(APIView):
         lease = services.pair_next_for_labeler(project=project, labeler=request.user)
         if lease is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        lease = Lease.objects.select_related("pair__prompt", "pair__response_a", "pair__response_b").get(pk=lease.pk)
         return Response(AssignmentOutput(lease).data)
 
 
@@ -277,13 +276,8 @@ class ComparisonSubmitApi(APIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         values = dict(data.validated_data)
-        pair = Pair.objects.select_related("project").filter(pk=values["pair"]).first()
-        if pair is None:
-            raise NotFound(f"Pair {values['pair']} does not exist.", field="pair")
-        # Membership, not just a lease, is required: a removed member's leases are void. To anyone else the pair
-        # is missing like an unknown id, so the answer does not name the project it belongs to.
-        if selectors.project_role(project=pair.project, user=request.user) is None:
-            raise NotFound(f"Pair {values['pair']} does not exist.", field="pair")
+        # Membership, not just a lease, is required: a removed member's leases are void.
+        selectors.pair_get_for_member(pair_id=values["pair"], user=request.user)
         result = services.comparison_submit(labeler=request.user, pair_id=values.pop("pair"), **values)
         return Response(ComparisonOutput(result.comparison).data,
                         status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

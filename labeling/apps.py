@@ -7,4 +7,9 @@ class LabelingConfig(AppConfig):
     name = "labeling"
 
     def ready(self) -> None:
-        from labeling import schema  # noqa: F401  (registers the OpenAPI auth extension)
+        from labeling import (
+            schema,  # noqa: F401  (registers the OpenAPI auth extension)
+            signals,
+        )
+
+        signals.connect()

@@ -8,7 +8,7 @@ from itertools import groupby
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from labeling.errors import Forbidden, NotFound
@@ -19,6 +19,24 @@ def project_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Project]:
     if user.is_staff:
         return Project.objects.all()
     return Project.objects.filter(memberships__user=user).distinct()
+
+
+def _member_role(user: AbstractBaseUser, project_ref: str = "pk") -> Subquery:
+    """The user's membership role in the project of the outer row, as a column of the same query."""
+    return Subquery(Membership.objects.filter(project=OuterRef(project_ref), user=user).values("role")[:1])
+
+
+def _role(user: AbstractBaseUser, annotated: Any) -> str | None:
+    """'admin' for staff, the membership role (as annotated by `_member_role`) for members, None otherwise."""
+    if not user.is_authenticated:
+        return None
+    return "admin" if user.is_staff else annotated.member_role
+
+
+def _with_member_role(queryset: QuerySet, user: AbstractBaseUser, project_ref: str = "pk") -> QuerySet:
+    if user.is_authenticated and not user.is_staff:
+        return queryset.annotate(member_role=_member_role(user, project_ref))
+    return queryset
 
 
 def project_role(*, project: Project, user: AbstractBaseUser) -> str | None:
@@ -32,14 +50,24 @@ def project_role(*, project: Project, user: AbstractBaseUser) -> str | None:
 
 def project_get_for_user(*, slug: str, user: AbstractBaseUser, manage: bool = False) -> Project:
     """The project if the user may see it (and manage it when `manage`); a non-member gets a 404 so that
-    project names do not leak."""
-    project = Project.objects.filter(slug=slug).first()
-    role = project_role(project=project, user=user) if project is not None else None
+    project names do not leak. One query: the role comes with the row."""
+    project = next(iter(_with_member_role(Project.objects.filter(slug=slug), user)), None)
+    role = _role(user, project) if project is not None else None
     if project is None or role is None:
         raise NotFound(f"Project '{slug}' not found.", field="project")
     if manage and role not in ("admin", Membership.Role.MANAGER):
         raise Forbidden("Only the project's managers can do this.", field="project")
     return project
+
+
+def pair_get_for_member(*, pair_id: int, user: AbstractBaseUser) -> Pair:
+    """The pair with its project, if the user is a member of that project (or staff). To anyone else it is
+    missing like an unknown id, so the answer does not name the project it belongs to."""
+    queryset = _with_member_role(Pair.objects.select_related("project").filter(pk=pair_id), user, "project_id")
+    pair = next(iter(queryset), None)
+    if pair is None or _role(user, pair) is None:
+        raise NotFound(f"Pair {pair_id} does not exist.", field="pair")
+    return pair
 
 
 # --- scoped API keys ------------------------------------------------------------------------------------

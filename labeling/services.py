@@ -228,6 +228,9 @@ def _grant(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease:
     return lease
 
 
+# What a lease is shown with, fetched by the queue's own queries (the pair's row alone is locked).
+PAIR_CONTENT = ("project", "prompt", "response_a", "response_b")
+
 # When every candidate is row-locked by another labeler's grant or submit, SKIP LOCKED sees nothing although
 # the queue is not empty; those locks last milliseconds, so look again a few times before answering "empty".
 LOCKED_RETRIES = 5
@@ -258,13 +261,14 @@ def _try_candidates(*, candidates, labeler: AbstractBaseUser, now, attempts: int
 def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
                           rng: random.Random | None = None) -> Lease | None:
     """Lease the labeler one pair that still needs labels, or return None when the queue is empty for them.
+    The lease comes with its pair's project, prompt and responses loaded.
 
     A labeler who already holds an unexpired lease in the project gets that pair again (a page reload must
     not hand out a second pair). Otherwise gold pairs come at the project's gold rate, then open pairs by
     priority. Rows are locked with SKIP LOCKED so concurrent labelers never wait on, or double-book, a slot.
     """
     now = timezone.now()
-    held = (Lease.objects.select_related("pair", "pair__project")
+    held = (Lease.objects.select_related("pair", *(f"pair__{name}" for name in PAIR_CONTENT))
             .filter(labeler=labeler, pair__project=project, expires_at__gt=now, skipped=False)
             .order_by("created_at").first())
     if held is not None:
@@ -276,14 +280,14 @@ def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
     skipped_by_me = Lease.objects.filter(pair=OuterRef("pk"), labeler=labeler, skipped=True)
     draw = (rng or random).random()
     if project.gold_rate > 0 and draw < project.gold_rate:
-        gold = (Pair.objects.select_related("project").filter(project=project, gold_choice__isnull=False)
+        gold = (Pair.objects.select_related(*PAIR_CONTENT).filter(project=project, gold_choice__isnull=False)
                 .exclude(Exists(labeled_by_me)).exclude(Exists(skipped_by_me)).order_by("label_count", "id"))
         lease = _try_candidates(candidates=gold, labeler=labeler, now=now)
         if lease is not None:
             return lease
 
     open_pairs = (
-        Pair.objects.select_related("project")
+        Pair.objects.select_related(*PAIR_CONTENT)
         .filter(project=project, status=Pair.Status.OPEN, gold_choice__isnull=True)
         .exclude(Exists(labeled_by_me))
         .exclude(Exists(skipped_by_me))

@@ -15,7 +15,7 @@ from django.views import View
 
 from labeling import selectors, services
 from labeling.errors import DomainError, NotFound
-from labeling.models import Comparison, Lease, Pair, Project
+from labeling.models import Comparison, Pair, Project
 
 # Keys 1-4 are the choices; the strength keys sit on the row above so one hand reaches both.
 CHOICE_BUTTONS = (
@@ -63,7 +63,6 @@ def _label_response(request: HttpRequest, *, project: Project, status: int = 200
         "values": {"rationale": "", "flags": [], "strength": None},
     }
     if lease is not None:
-        lease = Lease.objects.select_related("pair__prompt", "pair__response_a", "pair__response_b").get(pk=lease.pk)
         pair = lease.pair
         context.update(
             lease=lease,

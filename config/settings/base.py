@@ -206,6 +206,11 @@ PREFLAB = {
     # Folders the API may register reward models from (the management command takes any path).
     "MODEL_IMPORT_DIRS": [Path(p) for p in env.list("PREFLAB_MODEL_IMPORT_DIRS",
                                                      default=[str(VAR_DIR / "models")])],
+    # API tokens are looked up in the shared cache for up to this long (0: always in the database). A revoked
+    # token, a deactivated user or a changed project takes effect at once; only a change made while Redis is
+    # unreachable can be honoured from a cached copy for up to this long. Off without Redis: a per-process
+    # cache would not see changes made by other processes.
+    "AUTH_CACHE_SECONDS": env.int("PREFLAB_AUTH_CACHE_SECONDS", default=60 if REDIS_URL else 0),
     # Best-of-N reranking: requests per key, request size limits, result cache, warm models and batching.
     "RERANK_RATE": env.str("PREFLAB_RERANK_RATE", default="600/min"),
     "RERANK_MAX_CANDIDATES": env.int("PREFLAB_RERANK_MAX_CANDIDATES", default=64),

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import close_old_connections, connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from labeling import services
@@ -32,6 +33,22 @@ def test_next_gives_highest_priority_first_and_same_pair_again_until_submitted(p
     assert again.pk == lease.pk and again.pair_id == high.pk
     services.comparison_submit(labeler=labeler, pair_id=high.pk, choice="left")
     assert services.pair_next_for_labeler(project=project, labeler=labeler).pair_id == low.pk
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("gold", [False, True])
+def test_a_lease_comes_with_its_prompt_and_responses_new_or_held(project, labeler, gold):
+    project.gold_rate = 1.0 if gold else 0.0
+    project.save()
+    pair = PairFactory(project=project, gold_choice="a" if gold else None)
+    for _ in ("new", "held"):
+        lease = services.pair_next_for_labeler(project=project, labeler=labeler)
+        assert lease.pair_id == pair.pk
+        with CaptureQueriesContext(connection) as captured:
+            shown = (lease.pair.project.slug, lease.pair.prompt.content, lease.pair.response_a.text,
+                     lease.pair.response_b.text)
+        assert captured.captured_queries == []
+        assert shown == (project.slug, pair.prompt.content, pair.response_a.text, pair.response_b.text)
 
 
 @pytest.mark.django_db
