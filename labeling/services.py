@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, F, IntegerField, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -217,14 +217,35 @@ def _has_free_slot(*, pair: Pair, labeler: AbstractBaseUser, now) -> bool:
     return pair.label_count + others < pair.project.labels_per_pair
 
 
-def _grant(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease:
-    # One upsert instead of update_or_create's savepoints, SELECT and INSERT: this runs on every assignment. A row
-    # that exists here is an expired lease of this labeler (held and skipped ones never reach the candidates).
-    (lease,) = Lease.objects.bulk_create(
-        [Lease(pair=pair, labeler=labeler, swapped=random.random() < 0.5,
-               expires_at=now + timedelta(seconds=_lease_seconds()))],
-        update_conflicts=True, unique_fields=["pair", "labeler"], update_fields=["swapped", "expires_at"],
-    )
+# One statement grants a slot: it counts the pair's other live leases, and inserts (or renews this labeler's expired)
+# lease only when the pair still has room. It runs while the caller holds the pair's row lock, so its snapshot,
+# taken after the lock, sees every lease committed before; the same checks as separate ORM statements cost two
+# round trips and a query compilation each on every assignment.
+_GRANT_SQL = """
+    INSERT INTO {lease} (pair_id, labeler_id, swapped, skipped, created_at, expires_at)
+    SELECT %s, %s, %s, %s, %s, %s
+    WHERE %s OR (SELECT COUNT(*) FROM {lease} WHERE pair_id = %s AND expires_at > %s AND labeler_id <> %s) < %s
+    ON CONFLICT (pair_id, labeler_id) DO UPDATE SET swapped = excluded.swapped, expires_at = excluded.expires_at
+    RETURNING id
+"""
+
+
+def _grant_if_free(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease | None:
+    """Lease `pair` (whose row the caller has locked) to the labeler if a slot is free, else None. A row that
+    exists already is an expired lease of this labeler (held and skipped ones never reach the candidates)."""
+    lease = Lease(pair=pair, labeler=labeler, swapped=random.random() < 0.5, skipped=False, created_at=now,
+                  expires_at=now + timedelta(seconds=_lease_seconds()))
+    adapt = connection.ops.adapt_datetimefield_value
+    room = pair.project.labels_per_pair - pair.label_count
+    with connection.cursor() as cursor:
+        cursor.execute(_GRANT_SQL.format(lease=connection.ops.quote_name(Lease._meta.db_table)), [
+            pair.pk, labeler.pk, lease.swapped, False, adapt(now), adapt(lease.expires_at),
+            pair.is_gold, pair.pk, adapt(now), labeler.pk, room,
+        ])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    lease.pk = row[0]
     return lease
 
 
@@ -251,8 +272,9 @@ def _try_candidates(*, candidates, labeler: AbstractBaseUser, now, attempts: int
                 time.sleep(LOCKED_RETRY_SECONDS)
                 continue
             return None
-        if _has_free_slot(pair=pair, labeler=labeler, now=now):
-            return _grant(pair=pair, labeler=labeler, now=now)
+        lease = _grant_if_free(pair=pair, labeler=labeler, now=now)
+        if lease is not None:
+            return lease
         tried.append(pair.pk)
     return None
 

@@ -138,6 +138,19 @@ def test_expired_lease_returns_the_pair_to_the_queue(project, labeler):
 
 
 @pytest.mark.django_db
+def test_a_labelers_own_expired_lease_is_renewed_in_place_when_the_slot_is_still_free(project, labeler):
+    pair = PairFactory(project=project)
+    first = services.pair_next_for_labeler(project=project, labeler=labeler)
+    Lease.objects.filter(pk=first.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    again = services.pair_next_for_labeler(project=project, labeler=labeler)
+    assert again.pk == first.pk and again.pair_id == pair.pk
+    stored = Lease.objects.get(pair=pair)
+    assert stored.pk == first.pk and stored.expires_at > timezone.now() and stored.swapped == again.swapped
+    result = services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="left")
+    assert result.created and result.comparison.swapped == again.swapped
+
+
+@pytest.mark.django_db
 def test_gold_pairs_are_served_at_the_gold_rate(db):
     project = ProjectFactory(gold_rate=1.0)
     PairFactory(project=project, priority=10)
@@ -309,13 +322,14 @@ def test_next_and_submit_over_the_api_run_a_fixed_small_number_of_statements(pro
     first = client.get(f"/api/v1/projects/{project.slug}/next/").json()
     client.post("/api/v1/comparisons/", {"pair": first["pair"], "choice": "left"}, format="json")
 
-    # Token, project, role; held lease, candidate, free-slot count, lease upsert; savepoint and release; the
-    # assignment's prompt and responses.
-    with django_assert_max_num_queries(10):
+    # Token (unless the shared cache has it), project with role; savepoint, held lease, candidate with its
+    # content, the conditional lease upsert, release.
+    with django_assert_max_num_queries(7):
         assignment = client.get(f"/api/v1/projects/{project.slug}/next/")
     assert assignment.status_code == 200 and assignment.json()["left"] and assignment.json()["prompt"]
-    # Token, pair, role; locked pair, lease, comparison insert, pair update, lease delete; savepoint and release.
-    with django_assert_max_num_queries(10):
+    # Token (unless cached), pair with role; savepoint, locked pair, lease, comparison insert, pair update, lease
+    # delete, release.
+    with django_assert_max_num_queries(9):
         submitted = client.post("/api/v1/comparisons/", {"pair": assignment.json()["pair"], "choice": "right"},
                                 format="json")
     assert submitted.status_code == 201
