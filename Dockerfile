@@ -32,5 +32,6 @@ USER preflab
 RUN DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput
 
 EXPOSE 8000
+# --reuse-port: a listening socket per worker, so that keep-alive connections spread over the workers.
 CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", \
-     "--access-logfile", "-", "--no-control-socket"]
+     "--reuse-port", "--access-logfile", "-", "--no-control-socket"]

@@ -230,10 +230,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(*, workers: int, threads: int, worker_class: str = "gthread",
+def gunicorn(*, workers: int, threads: int, worker_class: str = "gthread", reuse_port: bool = True,
              extra_env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int, Path]]:
-    """gunicorn on a free loopback port with the production settings and JSON logs (as in docker-compose),
-    its log in a temporary file; stopped, with its workers, on exit."""
+    """gunicorn on a free loopback port with the production settings, JSON logs and a listening socket per worker
+    (as in docker-compose), its log in a temporary file; stopped, with its workers, on exit."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="preflab-bench-") as tmp:
         metrics_dir = Path(tmp) / "prometheus"
@@ -251,7 +251,7 @@ def gunicorn(*, workers: int, threads: int, worker_class: str = "gthread",
         log_path = Path(tmp) / "gunicorn.log"
         command = [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}",
                    "--workers", str(workers), "--worker-class", worker_class, "--no-control-socket",
-                   "--timeout", "120"]
+                   "--timeout", "120"] + (["--reuse-port"] if reuse_port else [])
         if worker_class == "gthread":
             command += ["--threads", str(threads)]
         with open(log_path, "wb") as log:

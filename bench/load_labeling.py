@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker (gthread)")
     parser.add_argument("--worker-class", default="gthread", choices=("gthread", "sync"))
+    parser.add_argument("--shared-socket", action="store_true",
+                        help="one listening socket for all workers (gunicorn without --reuse-port)")
     parser.add_argument("--only", choices=("small", "large"), help="measure one project only")
     return parser.parse_args()
 
@@ -225,7 +227,9 @@ def verdict(ok: bool) -> str:
 def report(rows: list[Row], args: argparse.Namespace) -> None:
     p = _common.percentile
     print()
-    print(f"gunicorn {args.worker_class}: {args.workers} workers x {args.threads} threads; {args.labelers} labelers "
+    sockets = "one shared listening socket" if args.shared_socket else "a listening socket per worker"
+    print(f"gunicorn {args.worker_class}: {args.workers} workers x {args.threads} threads, {sockets}; "
+          f"{args.labelers} labelers "
           f"in a closed loop for {args.seconds:.0f} s per project after {args.warmup:.0f} s warm-up, then one "
           f"labeler alone for {args.solo_seconds:.0f} s; labels_per_pair {args.overlap}")
     print(f"{'pairs':>9} {'cycles/s':>9} {'next p50':>9} {'next p99':>9} {'sub p50':>8} {'sub p99':>8} "
@@ -290,7 +294,8 @@ def main() -> None:
     database = settings.DATABASES["default"]["NAME"]
 
     rows = []
-    with _common.gunicorn(workers=args.workers, threads=args.threads, worker_class=args.worker_class) as (
+    with _common.gunicorn(workers=args.workers, threads=args.threads, worker_class=args.worker_class,
+                          reuse_port=not args.shared_socket) as (
             server, port, _log):
         for project, size, seeded_s in projects:
             meter = _common.CpuMeter(server_pid=server.pid, database=database)

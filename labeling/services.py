@@ -249,16 +249,14 @@ def _grant_if_free(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease | Non
     return lease
 
 
-# What a lease is shown with, fetched by the queue's own queries (the pair's row alone is locked).
-PAIR_CONTENT = ("project", "prompt", "response_a", "response_b")
-
 # When every candidate is row-locked by another labeler's grant or submit, SKIP LOCKED sees nothing although
 # the queue is not empty; those locks last milliseconds, so look again a few times before answering "empty".
 LOCKED_RETRIES = 5
 LOCKED_RETRY_SECONDS = 0.02
 
 
-def _try_candidates(*, candidates, labeler: AbstractBaseUser, now, attempts: int = 5) -> Lease | None:
+def _try_candidates(*, candidates, project: Project, labeler: AbstractBaseUser, now,
+                    attempts: int = 5) -> Lease | None:
     tried: list[int] = []
     locked_retries = 0
     while len(tried) < attempts:
@@ -272,11 +270,21 @@ def _try_candidates(*, candidates, labeler: AbstractBaseUser, now, attempts: int
                 time.sleep(LOCKED_RETRY_SECONDS)
                 continue
             return None
+        pair.project = project
         lease = _grant_if_free(pair=pair, labeler=labeler, now=now)
         if lease is not None:
             return lease
         tried.append(pair.pk)
     return None
+
+
+def _lease_with_content(lease: Lease, *, project: Project) -> Lease:
+    """The pair's prompt and responses, in one query by primary key. The queue's own queries select the pair
+    alone: with these three tables joined in, PostgreSQL took over 3 ms to plan the candidate query (2 ms the
+    held-lease one), against 0.2 ms without, on every request."""
+    lease.pair = Pair.objects.select_related("prompt", "response_a", "response_b").get(pk=lease.pair_id)
+    lease.pair.project = project
+    return lease
 
 
 @transaction.atomic
@@ -289,9 +297,13 @@ def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
     not hand out a second pair). Otherwise gold pairs come at the project's gold rate, then open pairs by
     priority. Rows are locked with SKIP LOCKED so concurrent labelers never wait on, or double-book, a slot.
     """
+    lease = _lease_next(project=project, labeler=labeler, rng=rng)
+    return _lease_with_content(lease, project=project) if lease is not None else None
+
+
+def _lease_next(*, project: Project, labeler: AbstractBaseUser, rng: random.Random | None) -> Lease | None:
     now = timezone.now()
-    held = (Lease.objects.select_related("pair", *(f"pair__{name}" for name in PAIR_CONTENT))
-            .filter(labeler=labeler, pair__project=project, expires_at__gt=now, skipped=False)
+    held = (Lease.objects.filter(labeler=labeler, pair__project=project, expires_at__gt=now, skipped=False)
             .order_by("created_at").first())
     if held is not None:
         held.expires_at = now + timedelta(seconds=_lease_seconds())
@@ -302,22 +314,21 @@ def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
     skipped_by_me = Lease.objects.filter(pair=OuterRef("pk"), labeler=labeler, skipped=True)
     draw = (rng or random).random()
     if project.gold_rate > 0 and draw < project.gold_rate:
-        gold = (Pair.objects.select_related(*PAIR_CONTENT).filter(project=project, gold_choice__isnull=False)
+        gold = (Pair.objects.filter(project=project, gold_choice__isnull=False)
                 .exclude(Exists(labeled_by_me)).exclude(Exists(skipped_by_me)).order_by("label_count", "id"))
-        lease = _try_candidates(candidates=gold, labeler=labeler, now=now)
+        lease = _try_candidates(candidates=gold, project=project, labeler=labeler, now=now)
         if lease is not None:
             return lease
 
     open_pairs = (
-        Pair.objects.select_related(*PAIR_CONTENT)
-        .filter(project=project, status=Pair.Status.OPEN, gold_choice__isnull=True)
+        Pair.objects.filter(project=project, status=Pair.Status.OPEN, gold_choice__isnull=True)
         .exclude(Exists(labeled_by_me))
         .exclude(Exists(skipped_by_me))
         .alias(active_leases=_active_leases(now=now))
         .filter(label_count__lt=Value(project.labels_per_pair) - F("active_leases"))
         .order_by("-priority", "id")
     )
-    return _try_candidates(candidates=open_pairs, labeler=labeler, now=now)
+    return _try_candidates(candidates=open_pairs, project=project, labeler=labeler, now=now)
 
 
 @transaction.atomic

@@ -98,10 +98,13 @@ class Command(BaseCommand):
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
         # No gunicorn access log: config.middleware writes one line per request, with its id, route and user.
+        # --reuse-port gives each worker a listening socket of its own, and the kernel spreads new connections
+        # over them: on one shared socket a burst of keep-alive clients tends to land on a single worker, which
+        # then does all the work on one core while the other idles.
         children = {
             "gunicorn": self._spawn([
                 sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", _bind_address(host, port),
-                "--workers", str(workers), "--threads", str(threads),
+                "--workers", str(workers), "--threads", str(threads), "--reuse-port",
                 "--graceful-timeout", str(int(grace)), "--timeout", "120", "--no-control-socket",
             ]),
             # -B runs the periodic sweeps (worker.celery's beat_schedule) inside this one worker.
