@@ -17,12 +17,15 @@ still running as that attempt, so a process that was given up for lost cannot ov
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+import threading
+import time
 import traceback
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
@@ -697,27 +700,113 @@ def _rerank_upsert_sql() -> str:
 
 def rerank_usage_record(*, project: Project, latency_ms: float, cached: bool = False, error: bool = False,
                         at: datetime | None = None) -> bool:
-    """Count one rerank request in its project's row for the minute (one INSERT ... ON CONFLICT DO UPDATE, so
-    concurrent requests add up without a read). An error counts as a request and an error only; an answered
-    request adds its latency and, when `cached`, a cache hit.
+    """Count one rerank request in its project's row for the minute. An error counts as a request and an error
+    only; an answered request adds its latency and, when `cached`, a cache hit.
 
-    Returns False when the write failed. It is logged and swallowed: the request being answered must never fail
-    because its statistics could not be written."""
+    With PREFLAB["RERANK_USAGE_FLUSH_SECONDS"] > 0 the counts gather in this process and a background thread adds
+    them to the rows every that many seconds (one statement per project and minute); otherwise this request
+    writes its own. Returns False when a write made here failed. It is logged and swallowed: the request being
+    answered must never fail because its statistics could not be written."""
     minute = (at or timezone.now()).astimezone(UTC).replace(second=0, microsecond=0)
     bucket = None if error else rerank_latency_bucket(latency_ms)
-    values = [project.pk, connection.ops.adapt_datetimefield_value(minute), 1, int(cached and not error),
-              int(error), 0.0 if error else float(latency_ms),
-              *(int(name == bucket) for name in RERANK_LATENCY_FIELDS)]
+    counts = (1, int(cached and not error), int(error), 0.0 if error else float(latency_ms),
+              *(int(name == bucket) for name in RERANK_LATENCY_FIELDS))
+    if float(settings.PREFLAB["RERANK_USAGE_FLUSH_SECONDS"]) > 0:
+        rerank_usage_buffer.add(project_id=project.pk, minute=minute, counts=counts)
+        return True
+    return _rerank_usage_write({(project.pk, minute): counts})
+
+
+def _rerank_usage_write(rows: dict[tuple[int, datetime], Sequence[float]]) -> bool:
+    """Add counts to their (project, minute) rows: one INSERT ... ON CONFLICT DO UPDATE per row, so concurrent
+    writers add up without a read."""
+    values = [[project_id, connection.ops.adapt_datetimefield_value(minute), *counts]
+              for (project_id, minute), counts in rows.items()]
     own_transaction = not connection.in_atomic_block
     try:
         # A savepoint when the caller is in a transaction, so a failed write does not poison the caller's.
         with transaction.atomic(), connection.cursor() as cursor:
             if own_transaction and connection.vendor == "postgresql":
-                # Not waiting for the WAL flush takes about 1.5 ms off every rerank request, cache hits included;
-                # a database crash may then lose the last fraction of a second of these counters, nothing else.
+                # Not waiting for the WAL flush takes about 1.5 ms off every write; a database crash may then lose
+                # the last fraction of a second of these counters, nothing else.
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
-            cursor.execute(_rerank_upsert_sql(), values)
+            cursor.executemany(_rerank_upsert_sql(), values)
     except Exception:
-        logger.warning("rerank traffic of project %s was not recorded", project.pk, exc_info=True)
+        logger.warning("rerank traffic of project(s) %s was not recorded", sorted({row[0] for row in values}),
+                       exc_info=True)
         return False
     return True
+
+
+class RerankUsageBuffer:
+    """This process's rerank counts not yet written, summed per (project, minute), and the thread that writes
+    them. The thread starts with the first count of a process (so a forked gunicorn worker starts its own), and
+    the counts left are written when the process exits normally; a process killed outright loses at most one
+    interval of counts. A failed write keeps its counts for the next try."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[int, datetime], list[float]] = {}
+        self._owner_pid: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, *, project_id: int, minute: datetime, counts: Sequence[float]) -> None:
+        with self._lock:
+            self._merge((project_id, minute), counts)
+            if self._owner_pid != os.getpid():
+                self._owner_pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="rerank-usage-flush", daemon=True)
+                self._thread.start()
+
+    def _merge(self, key: tuple[int, datetime], counts: Sequence[float]) -> None:
+        row = self._pending.get(key)
+        if row is None:
+            self._pending[key] = list(counts)
+        else:
+            for index, count in enumerate(counts):
+                row[index] += count
+
+    def pending(self) -> dict[tuple[int, datetime], list[float]]:
+        with self._lock:
+            return {key: list(row) for key, row in self._pending.items()}
+
+    def flush(self) -> bool:
+        """Write what has gathered; True when nothing is left pending."""
+        with self._lock:
+            rows, self._pending = self._pending, {}
+        if not rows:
+            return True
+        if _rerank_usage_write(rows):
+            return True
+        with self._lock:
+            for key, counts in rows.items():
+                self._merge(key, counts)
+        return False
+
+    def _run(self) -> None:
+        from django.db import connection as thread_connection
+
+        pid = os.getpid()
+        atexit.register(self.flush)
+        try:
+            while self._owner_pid == pid:
+                time.sleep(float(settings.PREFLAB["RERANK_USAGE_FLUSH_SECONDS"]) or 1.0)
+                # This thread has a connection of its own; drop it if the database went away meanwhile.
+                thread_connection.close_if_unusable_or_obsolete()
+                try:
+                    self.flush()
+                except Exception:  # never let the writer thread die
+                    logger.exception("rerank traffic flush failed")
+        finally:
+            thread_connection.close()
+
+    def stop(self) -> None:
+        """End the writer thread after a last write (the next count starts a new one)."""
+        with self._lock:
+            self._owner_pid, thread = None, self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self.flush()
+
+
+rerank_usage_buffer = RerankUsageBuffer()

@@ -217,6 +217,8 @@ PREFLAB = {
     "RERANK_MAX_CHARS": env.int("PREFLAB_RERANK_MAX_CHARS", default=200_000),
     "RERANK_MAX_REGEX_CHARS": env.int("PREFLAB_RERANK_MAX_REGEX_CHARS", default=500),
     "RERANK_CACHE_SECONDS": env.int("PREFLAB_RERANK_CACHE_SECONDS", default=3600),
+    # Rerank traffic counts gather in each process and are written this often (0: each request writes its own).
+    "RERANK_USAGE_FLUSH_SECONDS": env.float("PREFLAB_RERANK_USAGE_FLUSH_SECONDS", default=1.0),
     "RERANK_MODEL_CACHE_SIZE": env.int("PREFLAB_RERANK_MODEL_CACHE_SIZE", default=2),
     # Policies kept loaded for /generate/ per process.
     "GENERATE_MODEL_CACHE_SIZE": env.int("PREFLAB_GENERATE_MODEL_CACHE_SIZE", default=2),

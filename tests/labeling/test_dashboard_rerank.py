@@ -3,7 +3,10 @@ the section and its JSON, and the API keys panel (create, revoke) with its permi
 from __future__ import annotations
 
 import logging
+import os
 import re
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -120,6 +123,76 @@ def test_a_failed_write_is_logged_and_leaves_the_transaction_usable(project, mon
         assert rerank_usage_record(project=project, latency_ms=5.0) is False
     assert "was not recorded" in caplog.text
     assert RerankMinute.objects.count() == 0  # the surrounding transaction still answers queries
+
+
+@pytest.fixture
+def buffered(settings):
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_USAGE_FLUSH_SECONDS": 0.05}
+    buffer = services.RerankUsageBuffer()
+    yield buffer
+    buffer.stop()
+
+
+def _rows(project) -> list[tuple]:
+    return list(RerankMinute.objects.filter(project=project).order_by("minute")
+                .values_list("minute", "requests", "cache_hits", "errors", "latency_le_5ms"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_buffered_counts_of_many_threads_add_up_and_the_writer_thread_stores_them(buffered, monkeypatch):
+    project = ProjectFactory()
+    monkeypatch.setattr(services, "rerank_usage_buffer", buffered)
+    minute = NOW.replace(second=0)
+
+    def record(number: int) -> None:
+        for _ in range(50):
+            assert rerank_usage_record(project=project, latency_ms=3.0, cached=number % 2 == 0, at=minute)
+
+    threads = [threading.Thread(target=record, args=(number,)) for number in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rerank_usage_record(project=project, latency_ms=7.0, error=True, at=minute + timedelta(minutes=1))
+    # The process's writer thread, not this test, writes the rows.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (buffered.pending() or len(_rows(project)) < 2):
+        time.sleep(0.05)
+    assert _rows(project) == [(minute, 400, 200, 0, 400), (minute + timedelta(minutes=1), 1, 0, 1, 0)]
+    assert buffered.pending() == {}
+
+
+@pytest.mark.django_db
+def test_a_failed_flush_keeps_its_counts_for_the_next(project, monkeypatch, settings):
+    buffer = services.RerankUsageBuffer()
+    buffer._owner_pid = os.getpid()  # no writer thread: this test flushes by hand
+    minute = NOW.replace(second=0)
+    answered = [int(name == "latency_le_2ms") for name in RERANK_LATENCY_FIELDS]
+    buffer.add(project_id=project.pk, minute=minute, counts=(1, 1, 0, 2.0, *answered))
+    sql = services._rerank_upsert_sql
+    monkeypatch.setattr(services, "_rerank_upsert_sql", lambda: "INSERT INTO no_such_table VALUES (%s)")
+    assert buffer.flush() is False
+    assert list(buffer.pending()) == [(project.pk, minute)]
+    buffer.add(project_id=project.pk, minute=minute, counts=(1, 0, 1, 0.0, *([0] * len(RERANK_LATENCY_FIELDS))))
+    monkeypatch.setattr(services, "_rerank_upsert_sql", sql)
+    assert buffer.flush() is True and buffer.pending() == {}
+    row = RerankMinute.objects.get(project=project)
+    assert (row.requests, row.cache_hits, row.errors, row.latency_ms_sum) == (2, 1, 1, 2.0)
+
+
+@pytest.mark.django_db
+def test_a_rerank_request_is_counted_through_the_buffer(project, manager, monkeypatch, settings, fresh_caches):
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_USAGE_FLUSH_SECONDS": 3600.0}
+    buffer = services.RerankUsageBuffer()
+    buffer._owner_pid = os.getpid()
+    monkeypatch.setattr(services, "rerank_usage_buffer", buffer)
+    _, key = api_token_create(user=manager, scope=ApiToken.Scope.RERANK, project=project)
+    response = _bearer(key).post(RERANK_URL, {"project": project.slug, "prompt": "p", "candidates": []},
+                                 format="json")
+    assert response.status_code == 400
+    assert not RerankMinute.objects.exists()
+    assert buffer.flush() is True
+    assert RerankMinute.objects.get(project=project).errors == 1
 
 
 # --- statistics from known rows ------------------------------------------------------------------------
