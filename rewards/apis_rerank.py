@@ -27,7 +27,13 @@ ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 409, 429, 503)}
 
 
 class RerankThrottle(SimpleRateThrottle):
-    """Requests per API key (per user for sessions), at PREFLAB["RERANK_RATE"] read on each request."""
+    """Requests per API key (per user for sessions), at PREFLAB["RERANK_RATE"] read on each request.
+
+    A sliding-window counter instead of DRF's log of timestamps: the count of the current fixed window plus the
+    previous window's count weighted by how much of it still overlaps the last `duration` seconds. On Redis that
+    is one round trip (INCR, EXPIRE and GET in a pipeline) whatever the rate; DRF's log is read and written back
+    whole on every request, so at a rate of thousands a minute each request pickled thousands of timestamps.
+    Refused requests count too, so a client that keeps sending over its rate stays refused."""
 
     scope = "rerank"
 
@@ -38,11 +44,41 @@ class RerankThrottle(SimpleRateThrottle):
         # The rate may change between requests (settings overrides); parse it each time.
         self.rate = self.get_rate()
         self.num_requests, self.duration = self.parse_rate(self.rate)
+        if self.rate is None:
+            return True
+        self.key = self.get_cache_key(request, view)
+        self.now = self.timer()
         try:
-            return super().allow_request(request, view)
+            current, previous = self._count(self.key, self.now)
         except Exception:  # the throttle lives in the cache; an outage must not stop reranking
             logger.warning("rerank throttle cache unavailable; request let through", exc_info=True)
             return True
+        elapsed = (self.now % self.duration) / self.duration
+        return previous * (1.0 - elapsed) + current <= self.num_requests
+
+    def _count(self, key: str, now: float) -> tuple[int, int]:
+        """Count this request in its window; returns (this window's count, the previous window's)."""
+        window = int(now // self.duration)
+        current_key, previous_key = f"{key}:{window}", f"{key}:{window - 1}"
+        client = getattr(getattr(self.cache, "_cache", None), "get_client", None)
+        if client is not None:  # Redis: one round trip
+            redis = client(write=True)
+            current_key, previous_key = self.cache.make_key(current_key), self.cache.make_key(previous_key)
+            pipe = redis.pipeline(transaction=False)
+            pipe.incr(current_key)
+            pipe.expire(current_key, 2 * self.duration)
+            pipe.get(previous_key)
+            current, _, previous = pipe.execute()
+            return int(current), int(previous or 0)
+        # Another cache backend (local memory without Redis): the same counts, not atomic across processes.
+        counts = self.cache.get_many([current_key, previous_key])
+        current = counts.get(current_key, 0) + 1
+        self.cache.set(current_key, current, 2 * self.duration)
+        return current, counts.get(previous_key, 0)
+
+    def wait(self) -> float | None:
+        """Until the current window ends: by then at most the refused window's weight remains."""
+        return self.duration - (self.now % self.duration)
 
     def get_cache_key(self, request, view) -> str | None:
         token = request_token(request)

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from labeling.models import ApiToken, Membership
 from labeling.services import api_token_create
 from rewards import serving
+from rewards.apis_rerank import RerankThrottle
 from rewards.scoring import RewardScorer, rerank_order
 from rewards.services import reward_model_register
 from rewards.training.data import RewardEncoder, RewardFormat
@@ -289,6 +290,24 @@ def test_rerank_is_throttled_per_key(project, deployed, rerank_client, settings)
     manager = UserFactory()
     Membership.objects.create(project=project, user=manager, role=Membership.Role.MANAGER)
     assert _post(client_for(manager), project).status_code == 200
+
+
+@pytest.mark.django_db
+def test_the_throttle_window_slides_and_a_refusal_says_when_to_retry(project, deployed, rerank_client, settings,
+                                                                    monkeypatch, fresh_caches):
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_RATE": "10/min"}
+    clock = {"now": 6_000_000.0}  # the start of a 60-second window
+    monkeypatch.setattr(RerankThrottle, "timer", lambda self: clock["now"])
+    assert [_post(rerank_client, project).status_code for _ in range(10)] == [200] * 10
+    clock["now"] += 30
+    refused = _post(rerank_client, project)  # the 11th in the window
+    assert refused.status_code == 429 and int(refused["Retry-After"]) == 30
+    # Halfway through the next window, half of the last one's 11 still count: 5.5 + 4 fit in 10, a fifth does not.
+    clock["now"] += 60
+    assert [_post(rerank_client, project).status_code for _ in range(5)] == [200] * 4 + [429]
+    # Two windows later the old counts are gone.
+    clock["now"] += 120
+    assert _post(rerank_client, project).status_code == 200
 
 
 # --- serving --------------------------------------------------------------------------------------------
