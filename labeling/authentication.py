@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -104,9 +105,18 @@ def _stale_seconds() -> int:
     return max(_cache_seconds(), TOUCH_SECONDS) * 2
 
 
-def _fields(instance: models.Model, skip: tuple[str, ...] = ()) -> tuple[list[str], list]:
-    names = [field.attname for field in instance._meta.concrete_fields if field.attname not in skip]
-    return names, [getattr(instance, name) for name in names]
+def _fields(instance: models.Model, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    # By name, not position: an entry written before a migration added or dropped a column must still come back
+    # with each value in its own field.
+    return {field.attname: getattr(instance, field.attname) for field in instance._meta.concrete_fields
+            if field.attname not in skip}
+
+
+def _instance(model: type[models.Model], fields: dict[str, Any]) -> models.Model:
+    """The model instance the database query would give, from an entry's fields; a field the entry lacks is
+    deferred (read from the database if used), one the model no longer has is ignored."""
+    names = [field.attname for field in model._meta.concrete_fields if field.attname in fields]
+    return model.from_db(DEFAULT_DB_ALIAS, names, [fields[name] for name in names])
 
 
 def _cache_add(key_hash: str, token: ApiToken, *, seconds: int) -> None:
@@ -122,9 +132,9 @@ def _cache_add(key_hash: str, token: ApiToken, *, seconds: int) -> None:
 def _token_from_entry(entry: dict) -> ApiToken:
     """Model instances as the database query would give them. The user's password is deferred: reading it
     loads it, and saving the instance writes only the fields it holds."""
-    token = ApiToken.from_db(DEFAULT_DB_ALIAS, *entry["token"])
-    token.user = get_user_model().from_db(DEFAULT_DB_ALIAS, *entry["user"])
-    token.project = Project.from_db(DEFAULT_DB_ALIAS, *entry["project"]) if entry["project"] else None
+    token = _instance(ApiToken, entry["token"])
+    token.user = _instance(get_user_model(), entry["user"])
+    token.project = _instance(Project, entry["project"]) if entry["project"] else None
     return token
 
 

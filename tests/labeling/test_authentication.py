@@ -52,7 +52,24 @@ def test_a_second_request_reads_the_token_from_the_cache_without_the_password(ca
     assert (second.pk, second.user.pk, second.user.username, second.project.slug) == (
         token.pk, user.pk, user.username, project.slug)
     assert second.scope == ApiToken.Scope.RERANK and second.user.is_active
-    assert "password" not in _entry(token)["user"][0]
+    assert "password" not in _entry(token)["user"]
+
+
+@pytest.mark.django_db
+def test_an_entry_from_before_a_migration_puts_each_value_in_its_own_field(cached_auth):
+    user = UserFactory(first_name="Ada")
+    project = ProjectFactory()
+    token, key = api_token_create(user=user, scope=ApiToken.Scope.RERANK, project=project)
+    api_token_for_key(key)
+    entry = _entry(token)
+    # A column the model no longer has, and one the entry never held.
+    del entry["user"]["first_name"]
+    entry["user"] = {"nickname": "x", **entry["user"]}
+    cache.set(authentication.CACHE_PREFIX + token.key_hash, entry, 60)
+    cached = api_token_for_key(key)
+    assert (cached.user.username, cached.user.email, cached.project.slug) == (user.username, user.email, project.slug)
+    assert "first_name" in cached.user.get_deferred_fields() and cached.user.first_name == "Ada"
+    assert not hasattr(cached.user, "nickname")
 
 
 @pytest.mark.django_db
