@@ -26,10 +26,12 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The load suite: 32 labelers on gunicorn at 10k and 1M pairs, then the 1M-comparison export (PostgreSQL).
+# Redis as in production: the servers read API tokens from its cache.
 BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/preflab_load_bench
+BENCH_REDIS_URL ?= redis://127.0.0.1:6379/2
 bench-load: install
-	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) bench/load_labeling.py
-	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) bench/export_comparisons.py
+	DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) $(PY) bench/load_labeling.py
+	DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) $(PY) bench/export_comparisons.py
 
 lint: install
 	$(VENV)/bin/ruff check .
