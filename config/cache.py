@@ -29,3 +29,8 @@ class RedisCache(DjangoRedisCache):
     def __init__(self, server: str | list[str], params: dict[str, Any]) -> None:
         super().__init__(server, params)
         self._class = PooledRedisCacheClient
+
+    def redis_client(self, *, write: bool = True) -> Any:
+        """The redis-py client behind the cache, for what Django's cache API cannot say in one round trip
+        (pipelines, counters with an expiry). Keys made with `make_key` share the cache's namespace."""
+        return self._cache.get_client(write=write)

@@ -21,31 +21,20 @@ def project_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Project]:
     return Project.objects.filter(memberships__user=user).distinct()
 
 
-def _member_role(user: AbstractBaseUser, project_ref: str = "pk") -> Subquery:
-    """The user's membership role in the project of the outer row, as a column of the same query."""
-    return Subquery(Membership.objects.filter(project=OuterRef(project_ref), user=user).values("role")[:1])
-
-
 def _role(user: AbstractBaseUser, annotated: Any) -> str | None:
-    """'admin' for staff, the membership role (as annotated by `_member_role`) for members, None otherwise."""
+    """'admin' for staff, the membership role (as annotated by `_with_member_role`) for members, None otherwise."""
     if not user.is_authenticated:
         return None
     return "admin" if user.is_staff else annotated.member_role
 
 
 def _with_member_role(queryset: QuerySet, user: AbstractBaseUser, project_ref: str = "pk") -> QuerySet:
+    """Each row with the user's membership role in its project (the project's key is `project_ref`) as
+    `member_role`, in the same query; staff and anonymous users need none."""
     if user.is_authenticated and not user.is_staff:
-        return queryset.annotate(member_role=_member_role(user, project_ref))
+        role = Membership.objects.filter(project=OuterRef(project_ref), user=user).values("role")[:1]
+        return queryset.annotate(member_role=Subquery(role))
     return queryset
-
-
-def project_role(*, project: Project, user: AbstractBaseUser) -> str | None:
-    """'admin' for staff, the membership role for members, None for everyone else."""
-    if not user.is_authenticated:
-        return None
-    if user.is_staff:
-        return "admin"
-    return Membership.objects.filter(project=project, user=user).values_list("role", flat=True).first()
 
 
 def project_get_for_user(*, slug: str, user: AbstractBaseUser, manage: bool = False) -> Project:

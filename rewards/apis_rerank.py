@@ -60,9 +60,9 @@ class RerankThrottle(SimpleRateThrottle):
         """Count this request in its window; returns (this window's count, the previous window's)."""
         window = int(now // self.duration)
         current_key, previous_key = f"{key}:{window}", f"{key}:{window - 1}"
-        client = getattr(getattr(self.cache, "_cache", None), "get_client", None)
-        if client is not None:  # Redis: one round trip
-            redis = client(write=True)
+        redis_client = getattr(self.cache, "redis_client", None)
+        if redis_client is not None:  # Redis (config.cache.RedisCache): one round trip
+            redis = redis_client()
             current_key, previous_key = self.cache.make_key(current_key), self.cache.make_key(previous_key)
             pipe = redis.pipeline(transaction=False)
             pipe.incr(current_key)

@@ -48,3 +48,33 @@ def test_the_shared_client_is_safe_across_threads(redis_cache):
         thread.join()
     assert errors == []
     assert redis_cache.get_many([f"k{n}" for n in range(8)]) == {f"k{n}": (n, 24) for n in range(8)}
+
+
+def test_the_raw_client_shares_the_cache_namespace(redis_cache):
+    # A counter kept with the raw client (as the rerank throttle does) is the same key the cache API reads.
+    client = redis_cache.redis_client()
+    assert client is redis_cache._cache.get_client(write=True)
+    key = redis_cache.make_key("k0")
+    pipe = client.pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.incr(key)
+    pipe.expire(key, 30)
+    assert pipe.execute()[:2] == [1, 2]
+    assert redis_cache.get("k0") == 2
+
+
+@pytest.mark.django_db
+def test_the_rerank_throttle_counts_in_redis_when_the_cache_is_redis():
+    from django.core.cache import cache
+
+    from rewards.apis_rerank import RerankThrottle
+
+    if not hasattr(cache, "redis_client"):
+        pytest.skip("the cache is not Redis (set REDIS_URL)")
+    throttle = RerankThrottle()
+    throttle.duration = 60
+    current, previous = throttle._count("test-throttle-count", 6_000_000.0)
+    again, _ = throttle._count("test-throttle-count", 6_000_001.0)
+    assert (current, previous, again) == (1, 0, 2)
+    assert cache.redis_client().ttl(cache.make_key("test-throttle-count:100000")) > 60
+    cache.delete("test-throttle-count:100000")
