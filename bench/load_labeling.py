@@ -5,7 +5,8 @@ the production settings, and drives it from an asyncio client in a closed loop: 
 pair (GET /api/v1/projects/<slug>/next/), answers it (POST /api/v1/comparisons/) and asks again, for --seconds per
 project; then one labeler alone does the same for --solo-seconds, which gives the latency without queueing. The
 small project is the baseline of the next-pair latency: the ratio 1M/10k shows whether the queue's cost grows with
-the project. The client runs on the same cores as the server and the database; its CPU share is printed with the
+the project. Last, as the plain baseline of the same run, the same clients read the project twice per cycle (the
+cheapest authenticated requests of the API) for --baseline-seconds: the ceiling of this stack on these cores. The client runs on the same cores as the server and the database; its CPU share is printed with the
 results, as is the CPU that other processes on the machine took meanwhile.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/preflab_load_bench .venv/bin/python bench/load_labeling.py
@@ -45,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shared-socket", action="store_true",
                         help="one listening socket for all workers (gunicorn without --reuse-port)")
     parser.add_argument("--only", choices=("small", "large"), help="measure one project only")
+    parser.add_argument("--baseline-seconds", type=float, default=20.0,
+                        help="measured seconds of the baseline (two project reads per cycle); 0 skips it")
     return parser.parse_args()
 
 
@@ -140,52 +143,76 @@ class Results:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
-async def labeler_loop(*, port: int, token: str, slug: str, stop_at: float, measure_from: float,
-                       results: Results, rng: random.Random) -> None:
+async def labeling_cycle(conn: Connection, slug: str, rng: random.Random,
+                         results: Results) -> tuple[float, float] | None:
+    """Next pair, then its answer: the times of the first response and of the second, or None when the cycle
+    does not count (an empty queue, an error)."""
+    status, body = await conn.request("GET", f"/api/v1/projects/{slug}/next/")
+    got_next = time.perf_counter()
+    if status == 204:
+        results.empty += 1
+        await asyncio.sleep(0.1)
+        return None
+    if status != 200:
+        results.error(f"next {status}")
+        return None
+    pair = json.loads(body)["pair"]
+    answer = json.dumps({"pair": pair, "choice": rng.choice(("left", "right", "left", "tie")),
+                         "time_ms": rng.randint(2000, 30000)}).encode()
+    status, body = await conn.request("POST", "/api/v1/comparisons/", answer)
+    if status not in (200, 201):
+        results.error(f"submit {status}: {body[:120]!r}")
+        return None
+    return got_next, time.perf_counter()
+
+
+async def baseline_cycle(conn: Connection, slug: str, rng: random.Random,
+                         results: Results) -> tuple[float, float] | None:
+    """The plain baseline: two reads of the project (GET /api/v1/projects/<slug>/: the token, one statement, a
+    serializer), the cheapest authenticated round trips of the API, over the same client, connections and stack.
+    What a labeling cycle costs beyond them is the queue's own work."""
+    first, _ = await conn.request("GET", f"/api/v1/projects/{slug}/")
+    got_first = time.perf_counter()
+    second, _ = await conn.request("GET", f"/api/v1/projects/{slug}/")
+    if first != 200 or second != 200:
+        results.error(f"project read {first}/{second}")
+        return None
+    return got_first, time.perf_counter()
+
+
+async def client_loop(*, cycle, port: int, token: str, slug: str, stop_at: float, measure_from: float,
+                      results: Results, rng: random.Random) -> None:
+    """One simulated user on one keep-alive connection, running `cycle` in a closed loop until `stop_at`."""
     conn = Connection(port, token)
-    next_path = f"/api/v1/projects/{slug}/next/"
     try:
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
             try:
-                status, body = await conn.request("GET", next_path)
-                got_next = time.perf_counter()
-                if status == 204:
-                    results.empty += 1
-                    await asyncio.sleep(0.1)
-                    continue
-                if status != 200:
-                    results.error(f"next {status}")
-                    continue
-                pair = json.loads(body)["pair"]
-                answer = json.dumps({"pair": pair, "choice": rng.choice(("left", "right", "left", "tie")),
-                                     "time_ms": rng.randint(2000, 30000)}).encode()
-                status, body = await conn.request("POST", "/api/v1/comparisons/", answer)
-                done = time.perf_counter()
+                marks = await cycle(conn, slug, rng, results)
             except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
                 results.error(type(exc).__name__)
                 conn.close()
                 continue
-            if status not in (200, 201):
-                results.error(f"submit {status}: {body[:120]!r}")
+            if marks is None:
                 continue
+            middle, done = marks
             if started >= measure_from and done <= stop_at:
-                results.next_ms.append((got_next - started) * 1000)
-                results.submit_ms.append((done - got_next) * 1000)
+                results.next_ms.append((middle - started) * 1000)
+                results.submit_ms.append((done - middle) * 1000)
                 results.cycle_ms.append((done - started) * 1000)
     finally:
         conn.close()
 
 
 async def drive(*, port: int, tokens: list[str], slug: str, warmup: float, seconds: float,
-                meter: _common.CpuMeter) -> tuple[Results, dict[str, float]]:
+                meter: _common.CpuMeter, cycle=labeling_cycle) -> tuple[Results, dict[str, float]]:
     results = Results()
     now = time.perf_counter()
     measure_from, stop_at = now + warmup, now + warmup + seconds
     rng = random.Random(7)
-    tasks = [asyncio.create_task(labeler_loop(port=port, token=token, slug=slug, stop_at=stop_at,
-                                              measure_from=measure_from, results=results,
-                                              rng=random.Random(rng.random())))
+    tasks = [asyncio.create_task(client_loop(cycle=cycle, port=port, token=token, slug=slug, stop_at=stop_at,
+                                             measure_from=measure_from, results=results,
+                                             rng=random.Random(rng.random())))
              for token in tokens]
     await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
     meter.start()
@@ -224,7 +251,7 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report(rows: list[Row], args: argparse.Namespace) -> None:
+def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = None) -> None:
     p = _common.percentile
     print()
     sockets = "one shared listening socket" if args.shared_socket else "a listening socket per worker"
@@ -246,6 +273,17 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
             print(f"          error {kind}: {count}")
         if r.empty or solo.empty:
             print(f"          the queue was empty {r.empty + solo.empty} times")
+    if baseline is not None:
+        b, cpu = baseline.results, baseline.cpu
+        print(f"{'baseline':>9} {baseline.rate:>9.1f} {p(b.next_ms, 50):>9.1f} {p(b.next_ms, 99):>9.1f} "
+              f"{p(b.submit_ms, 50):>8.1f} {p(b.submit_ms, 99):>8.1f} {p(b.cycle_ms, 50):>8.1f} "
+              f"{p(b.cycle_ms, 99):>8.1f} {sum(b.errors.values()):>7} {baseline.cpu_ms_per_cycle:>8.1f} | "
+              f"{cpu['client']:>13.2f} {cpu['server']:>6.2f} {cpu['postgres']:>5.2f} {cpu['other']:>5.2f} |")
+        print("baseline: the same 32 clients, each cycle two reads of the large project (GET /api/v1/projects/<slug>/:"
+              " token, one statement, a serializer) instead of next + submit")
+        for row in rows:
+            print(f"labeling at {row.pairs:,} pairs / baseline: cycles/s {row.rate / baseline.rate:.2f}, "
+                  f"CPU per cycle {row.cpu_ms_per_cycle / baseline.cpu_ms_per_cycle:.2f}")
     print(f"latencies in ms, measured by the client; cpu/cyc: ms of CPU per cycle taken by the client, gunicorn and "
           f"its PostgreSQL backends together; cores: CPU seconds per second during the measured interval, of the "
           f"{os.cpu_count()} this machine has (other: every process outside this benchmark)")
@@ -306,7 +344,15 @@ def main() -> None:
                                         seconds=args.solo_seconds, meter=meter))
             rows.append(Row(pairs=size, seeded_s=seeded_s, results=results, seconds=args.seconds, cpu=cpu,
                             solo=solo))
-    report(rows, args)
+        baseline = None
+        if args.baseline_seconds > 0:
+            project = projects[-1][0]
+            meter = _common.CpuMeter(server_pid=server.pid, database=database)
+            results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=project.slug, warmup=args.warmup,
+                                             seconds=args.baseline_seconds, meter=meter, cycle=baseline_cycle))
+            baseline = Row(pairs=0, seeded_s=0.0, results=results, seconds=args.baseline_seconds, cpu=cpu,
+                           solo=Results())
+    report(rows, args, baseline)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Exists, F, IntegerField, OuterRef, Subquery, Value
-from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from labeling import queries
 from labeling.errors import Conflict, DomainError, NotFound
 from labeling.models import (
     ApiToken,
@@ -201,14 +200,6 @@ def _lease_seconds() -> int:
     return int(settings.PREFLAB["LEASE_SECONDS"])
 
 
-def _active_leases(*, now, exclude_labeler: AbstractBaseUser | None = None):
-    leases = Lease.objects.filter(pair=OuterRef("pk"), expires_at__gt=now)
-    if exclude_labeler is not None:
-        leases = leases.exclude(labeler=exclude_labeler)
-    return Coalesce(Subquery(leases.values("pair").annotate(n=Count("*")).values("n"), output_field=IntegerField()),
-                    Value(0))
-
-
 def _has_free_slot(*, pair: Pair, labeler: AbstractBaseUser, now) -> bool:
     """Checked with a fresh statement while the pair's row is locked, so it sees every committed lease."""
     if pair.is_gold:
@@ -217,17 +208,63 @@ def _has_free_slot(*, pair: Pair, labeler: AbstractBaseUser, now) -> bool:
     return pair.label_count + others < pair.project.labels_per_pair
 
 
-# One statement grants a slot: it counts the pair's other live leases, and inserts (or renews this labeler's expired)
-# lease only when the pair still has room. It runs while the caller holds the pair's row lock, so its snapshot,
-# taken after the lock, sees every lease committed before; the same checks as separate ORM statements cost two
-# round trips and a query compilation each on every assignment.
-_GRANT_SQL = """
+_PAIR = queries.RowReader.all_fields(Pair)
+_PROMPT = queries.RowReader.all_fields(Prompt)
+_RESPONSE = queries.RowReader.all_fields(Response)
+_CANDIDATE = queries.RowReader(Pair, ["id", "gold_choice", "label_count"])
+
+# The queue's statements are hand-written (labeling/queries.py says why). One statement grants a slot: it counts
+# the pair's other live leases, and inserts (or renews this labeler's expired) lease only when the pair still has
+# room. It runs while the caller holds the pair's row lock, so its snapshot, taken after the lock, sees every
+# lease committed before.
+_GRANT = queries.Statement("""
     INSERT INTO {lease} (pair_id, labeler_id, swapped, skipped, created_at, expires_at)
     SELECT %s, %s, %s, %s, %s, %s
     WHERE %s OR (SELECT COUNT(*) FROM {lease} WHERE pair_id = %s AND expires_at > %s AND labeler_id <> %s) < %s
     ON CONFLICT (pair_id, labeler_id) DO UPDATE SET swapped = excluded.swapped, expires_at = excluded.expires_at
-    RETURNING id
-"""
+    RETURNING id""")
+# A labeler's unexpired lease in the project, renewed and returned in one statement: a page reload gets the same
+# pair back.
+_HELD = queries.Statement("""
+    UPDATE {lease} SET expires_at = %s
+    WHERE id = (SELECT l.id FROM {lease} l JOIN {pair} p ON p.id = l.pair_id
+                WHERE l.labeler_id = %s AND p.project_id = %s AND l.expires_at > %s AND NOT l.skipped
+                ORDER BY l.created_at LIMIT 1)
+    RETURNING id, pair_id, swapped""")
+# What the queue may offer this labeler: not labeled or skipped by them. Open pairs also need a free slot (labels
+# plus other live leases under the overlap); they walk the partial index pair_queue_open, whose conditions are
+# written as literals so that the planner can use it. [tried] excludes pairs already found full.
+_NOT_MINE = """
+      AND NOT EXISTS (SELECT 1 FROM {comparison} c WHERE c.pair_id = p.id AND c.labeler_id = %s)
+      AND NOT EXISTS (SELECT 1 FROM {lease} s WHERE s.pair_id = p.id AND s.labeler_id = %s AND s.skipped)"""
+_OPEN = f"""
+    SELECT {{candidate}} FROM {{pair}} p
+    WHERE p.project_id = %s AND p.status = '{Pair.Status.OPEN.value}' AND p.gold_choice IS NULL{_NOT_MINE}
+      AND p.label_count < %s - (SELECT COUNT(*) FROM {{lease}} a WHERE a.pair_id = p.id AND a.expires_at > %s)
+      [tried]
+    ORDER BY p.priority DESC, p.id LIMIT 1"""
+_GOLD = f"""
+    SELECT {{candidate}} FROM {{pair}} p
+    WHERE p.project_id = %s AND p.gold_choice IS NOT NULL{_NOT_MINE}
+      [tried]
+    ORDER BY p.label_count, p.id LIMIT 1"""
+_CONTENT = queries.Statement("""
+    SELECT {pair_columns}, {prompt_columns}, {a_columns}, {b_columns}
+    FROM {pair} p JOIN {prompt} q ON q.id = p.prompt_id
+    JOIN {response} ra ON ra.id = p.response_a_id JOIN {response} rb ON rb.id = p.response_b_id
+    WHERE p.id = %s""", pair_columns=(_PAIR, "p"), prompt_columns=(_PROMPT, "q"), a_columns=(_RESPONSE, "ra"),
+                             b_columns=(_RESPONSE, "rb"))
+_candidate_statements: dict[tuple[bool, int, bool], queries.Statement] = {}
+
+
+def _candidates(*, gold: bool, tried: int, lock: bool) -> queries.Statement:
+    key = (gold, tried, lock)
+    statement = _candidate_statements.get(key)
+    if statement is None:
+        exclude = f"AND p.id NOT IN ({', '.join(['%s'] * tried)})" if tried else ""
+        template = (_GOLD if gold else _OPEN).replace("[tried]", exclude) + (" {skip_locked p}" if lock else "")
+        statement = _candidate_statements[key] = queries.Statement(template, candidate=(_CANDIDATE, "p"))
+    return statement
 
 
 def _grant_if_free(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease | None:
@@ -235,14 +272,11 @@ def _grant_if_free(*, pair: Pair, labeler: AbstractBaseUser, now) -> Lease | Non
     exists already is an expired lease of this labeler (held and skipped ones never reach the candidates)."""
     lease = Lease(pair=pair, labeler=labeler, swapped=random.random() < 0.5, skipped=False, created_at=now,
                   expires_at=now + timedelta(seconds=_lease_seconds()))
-    adapt = connection.ops.adapt_datetimefield_value
     room = pair.project.labels_per_pair - pair.label_count
-    with connection.cursor() as cursor:
-        cursor.execute(_GRANT_SQL.format(lease=connection.ops.quote_name(Lease._meta.db_table)), [
-            pair.pk, labeler.pk, lease.swapped, False, adapt(now), adapt(lease.expires_at),
-            pair.is_gold, pair.pk, adapt(now), labeler.pk, room,
-        ])
-        row = cursor.fetchone()
+    row = _GRANT.fetch_one([
+        pair.pk, labeler.pk, lease.swapped, False, queries.db_datetime(now), queries.db_datetime(lease.expires_at),
+        pair.is_gold, pair.pk, queries.db_datetime(now), labeler.pk, room,
+    ])
     if row is None:
         return None
     lease.pk = row[0]
@@ -255,21 +289,26 @@ LOCKED_RETRIES = 5
 LOCKED_RETRY_SECONDS = 0.02
 
 
-def _try_candidates(*, candidates, project: Project, labeler: AbstractBaseUser, now,
+def _try_candidates(*, gold: bool, project: Project, labeler: AbstractBaseUser, now,
                     attempts: int = 5) -> Lease | None:
     tried: list[int] = []
     locked_retries = 0
     while len(tried) < attempts:
-        qs = candidates.exclude(pk__in=tried) if tried else candidates
-        pair = qs.select_for_update(skip_locked=True, of=("self",)).first()
-        if pair is None:
+        params: list[Any] = [project.pk, labeler.pk, labeler.pk]
+        if not gold:
+            params += [project.labels_per_pair, queries.db_datetime(now)]
+        params += tried
+        row = _candidates(gold=gold, tried=len(tried), lock=True).fetch_one(params)
+        if row is None:
             # A plain read (no lock) tells "all locked right now" from "nothing left"; in READ COMMITTED each
             # retry sees what the other transactions committed meanwhile.
-            if locked_retries < LOCKED_RETRIES and qs.exists():
+            if (locked_retries < LOCKED_RETRIES
+                    and _candidates(gold=gold, tried=len(tried), lock=False).fetch_one(params) is not None):
                 locked_retries += 1
                 time.sleep(LOCKED_RETRY_SECONDS)
                 continue
             return None
+        pair = _CANDIDATE.read(row)
         pair.project = project
         lease = _grant_if_free(pair=pair, labeler=labeler, now=now)
         if lease is not None:
@@ -279,11 +318,17 @@ def _try_candidates(*, candidates, project: Project, labeler: AbstractBaseUser, 
 
 
 def _lease_with_content(lease: Lease, *, project: Project) -> Lease:
-    """The pair's prompt and responses, in one query by primary key. The queue's own queries select the pair
-    alone: with these three tables joined in, PostgreSQL took 3.7 ms to plan the candidate query (2.2 ms the
-    held-lease one), against 0.3 ms (0.1 ms) without, on every request."""
-    lease.pair = Pair.objects.select_related("prompt", "response_a", "response_b").get(pk=lease.pair_id)
-    lease.pair.project = project
+    """The pair with its prompt and responses, in one statement by primary key. The queue's own statements select
+    the pair alone: with these three tables joined in, PostgreSQL took 3.7 ms to plan the candidate query (2.2 ms
+    the held-lease one), against 0.3 ms (0.1 ms) without."""
+    row = _CONTENT.fetch_one([lease.pair_id])
+    pair = _PAIR.read(row)
+    offset = _PAIR.width
+    pair.prompt = _PROMPT.read(row, offset)
+    pair.response_a = _RESPONSE.read(row, offset + _PROMPT.width)
+    pair.response_b = _RESPONSE.read(row, offset + _PROMPT.width + _RESPONSE.width)
+    pair.project = project
+    lease.pair = pair
     return lease
 
 
@@ -303,32 +348,19 @@ def pair_next_for_labeler(*, project: Project, labeler: AbstractBaseUser,
 
 def _lease_next(*, project: Project, labeler: AbstractBaseUser, rng: random.Random | None) -> Lease | None:
     now = timezone.now()
-    held = (Lease.objects.filter(labeler=labeler, pair__project=project, expires_at__gt=now, skipped=False)
-            .order_by("created_at").first())
+    expires_at = now + timedelta(seconds=_lease_seconds())
+    held = _HELD.fetch_one([queries.db_datetime(expires_at), labeler.pk, project.pk, queries.db_datetime(now)])
     if held is not None:
-        held.expires_at = now + timedelta(seconds=_lease_seconds())
-        held.save(update_fields=["expires_at"])
-        return held
+        lease_id, pair_id, swapped = held
+        return Lease(pk=lease_id, pair_id=pair_id, labeler=labeler, swapped=bool(swapped), skipped=False,
+                     expires_at=expires_at)
 
-    labeled_by_me = Comparison.objects.filter(pair=OuterRef("pk"), labeler=labeler)
-    skipped_by_me = Lease.objects.filter(pair=OuterRef("pk"), labeler=labeler, skipped=True)
     draw = (rng or random).random()
     if project.gold_rate > 0 and draw < project.gold_rate:
-        gold = (Pair.objects.filter(project=project, gold_choice__isnull=False)
-                .exclude(Exists(labeled_by_me)).exclude(Exists(skipped_by_me)).order_by("label_count", "id"))
-        lease = _try_candidates(candidates=gold, project=project, labeler=labeler, now=now)
+        lease = _try_candidates(gold=True, project=project, labeler=labeler, now=now)
         if lease is not None:
             return lease
-
-    open_pairs = (
-        Pair.objects.filter(project=project, status=Pair.Status.OPEN, gold_choice__isnull=True)
-        .exclude(Exists(labeled_by_me))
-        .exclude(Exists(skipped_by_me))
-        .alias(active_leases=_active_leases(now=now))
-        .filter(label_count__lt=Value(project.labels_per_pair) - F("active_leases"))
-        .order_by("-priority", "id")
-    )
-    return _try_candidates(candidates=open_pairs, project=project, labeler=labeler, now=now)
+    return _try_candidates(gold=False, project=project, labeler=labeler, now=now)
 
 
 @transaction.atomic
@@ -376,7 +408,8 @@ def _validate_submission(*, project: Project, choice: str, strength: int | None,
 def comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, choice: str, strength: int | None = None,
                       rationale: str = "", flags: list[str] | None = None, time_ms: int | None = None) -> SubmitResult:
     """Record a labeler's choice for a pair leased to them. `choice` is in the labeler's frame (left/right as
-    shown) and is stored in the pair's A/B frame. Re-posting the same comparison returns the stored one."""
+    shown) and is stored in the pair's A/B frame. Re-posting the same comparison returns the stored one. A pair
+    of a project the labeler is not a member of (staff aside) is refused as unknown."""
     if choice not in FRAME_CHOICES:
         raise DomainError(f"choice must be one of {', '.join(FRAME_CHOICES)}.", field="choice")
     flags = sorted(set(flags or []))
@@ -401,15 +434,49 @@ def _same_or_conflict(*, existing: Comparison, frame_choice: str, strength: int 
     return SubmitResult(comparison=existing, created=False)
 
 
+_SUBMIT_PROJECT = queries.RowReader.all_fields(Project)
+_SUBMIT_LEASE = queries.RowReader(Lease, ["id", "swapped", "expires_at"])
+# The pair (locked) with its project and the labeler's role in it. Then their lease, taken in a statement of its
+# own so that its snapshot is taken after the lock (a concurrent submit of the same labeler may just have used it):
+# deleted at once, since a submit that is refused further on rolls back and the lease with it.
+_SUBMIT_PAIR = queries.Statement("""
+    SELECT {pair_columns}, {project_columns},
+           (SELECT m.role FROM {membership} m WHERE m.project_id = p.project_id AND m.user_id = %s)
+    FROM {pair} p JOIN {project} pr ON pr.id = p.project_id
+    WHERE p.id = %s {lock p}""", pair_columns=(_PAIR, "p"), project_columns=(_SUBMIT_PROJECT, "pr"))
+_LEASE_TAKE = queries.Statement("""
+    DELETE FROM {lease} WHERE pair_id = %s AND labeler_id = %s AND NOT skipped RETURNING {lease_columns}""",
+                                lease_columns=(_SUBMIT_LEASE, ""))
+_INSERT_COMPARISON = queries.Statement("""
+    INSERT INTO {comparison} (pair_id, project_id, labeler_id, source, choice, strength, margin, rationale, flags,
+                              swapped, time_ms, created_at)
+    VALUES (%s, %s, %s, %s, %s, %s, NULL, %s, %s, %s, %s, %s) RETURNING id""")
+_PAIR_COUNTED = queries.Statement("UPDATE {pair} SET label_count = %s, status = %s WHERE id = %s")
+
+
+def _pair_for_submit(*, pair_id: int, labeler: AbstractBaseUser) -> tuple[Pair, Lease | None]:
+    """The pair, locked, with its project, and the labeler's unskipped lease on it, deleted (the caller's
+    transaction keeps it unless the submit succeeds). A pair of a project the labeler is not a member of (staff
+    aside) is missing like an unknown id, so the answer names no project."""
+    row = _SUBMIT_PAIR.fetch_one([labeler.pk, pair_id])
+    if row is None or (row[-1] is None and not labeler.is_staff):
+        raise NotFound(f"Pair {pair_id} does not exist.", field="pair")
+    pair = _PAIR.read(row)
+    pair.project = _SUBMIT_PROJECT.read(row, _PAIR.width)
+    row = _LEASE_TAKE.fetch_one([pair_id, labeler.pk])
+    if row is None:
+        return pair, None
+    lease = _SUBMIT_LEASE.read(row)
+    lease.pair, lease.labeler = pair, labeler
+    return pair, lease
+
+
 @transaction.atomic
 def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice: str, strength: int | None,
                        rationale: str, flags: list[str], time_ms: int | None) -> SubmitResult:
-    pair = Pair.objects.select_for_update(of=("self",)).select_related("project").filter(pk=pair_id).first()
-    if pair is None:
-        raise NotFound(f"Pair {pair_id} does not exist.", field="pair")
-    # Submitting deletes the lease, so a held lease means no comparison yet (and the unique constraint would
-    # refuse a second one); only without a lease is a stored comparison looked for, for a repeated request.
-    lease = Lease.objects.filter(pair=pair, labeler=labeler, skipped=False).first()
+    pair, lease = _pair_for_submit(pair_id=pair_id, labeler=labeler)
+    # A stored comparison deleted the lease, so a held lease means no comparison yet (and the unique constraint
+    # would refuse a second one); only without a lease is a stored comparison looked for, for a repeated request.
     if lease is None:
         existing = Comparison.objects.filter(pair=pair, labeler=labeler).first()
         if existing is not None:
@@ -425,16 +492,20 @@ def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice:
         raise Conflict("This pair already has all the labels it needs.", field="pair", code="pair_complete")
     choice = _frame_to_choice(frame_choice, swapped=lease.swapped)
     _validate_submission(project=pair.project, choice=choice, strength=strength, flags=flags)
-    comparison = Comparison.objects.create(
-        pair=pair, project_id=pair.project_id, labeler=labeler, source=Comparison.Source.LABEL, choice=choice,
-        strength=strength, rationale=rationale, flags=flags, swapped=lease.swapped, time_ms=time_ms,
+    comparison = Comparison(
+        pair=pair, project=pair.project, labeler=labeler, source=Comparison.Source.LABEL, choice=choice,
+        strength=strength, rationale=rationale, flags=flags, swapped=lease.swapped, time_ms=time_ms, created_at=now,
     )
+    flags_value = Comparison._meta.get_field("flags").get_db_prep_save(flags, connection)
+    comparison.pk = _INSERT_COMPARISON.fetch_one([
+        pair.pk, pair.project_id, labeler.pk, comparison.source, choice, strength, rationale, flags_value,
+        lease.swapped, time_ms, queries.db_datetime(now),
+    ])[0]
+    comparison._state.adding = False
     # The pair's row is locked, so its count is current: one UPDATE writes the new count and, when this label
     # completes the pair, its status.
     pair.label_count += 1
-    changes: dict[str, Any] = {"label_count": pair.label_count}
     if not pair.is_gold and pair.label_count >= pair.project.labels_per_pair:
-        changes["status"] = pair.status = Pair.Status.COMPLETE
-    Pair.objects.filter(pk=pair.pk).update(**changes)
-    lease.delete()
+        pair.status = Pair.Status.COMPLETE
+    _PAIR_COUNTED.execute([pair.label_count, pair.status, pair.pk])
     return SubmitResult(comparison=comparison, created=True)

@@ -1,6 +1,7 @@
 """Running the service: `manage.py serve` end to end, and the Docker files of the production shape."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -111,6 +112,41 @@ def served(tmp_path):
                 child.kill()
 
 
+def _json(url: str, *, token: str | None = None, body: dict | None = None) -> tuple[int, dict | None]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json", "Accept": "application/json",
+                                              **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _label_one_pair(url: str) -> None:
+    """The demo labeler's loop on the embedded database (SQLite): the queue's hand-written statements run there
+    as on PostgreSQL, and a refused submit (the demo project records no strength) gives its lease back."""
+    status, body = _json(f"{url}/api/v1/auth/token/", body={"username": "labeler", "password": "preflab-labeler"})
+    assert status == 201, body
+    token = body["token"]
+    status, first = _json(f"{url}/api/v1/projects/demo/next/", token=token)
+    assert status == 200 and first["left"] and first["right"] and first["prompt"], first
+    status, again = _json(f"{url}/api/v1/projects/demo/next/", token=token)
+    assert status == 200 and again["pair"] == first["pair"]
+    status, refused = _json(f"{url}/api/v1/comparisons/", token=token,
+                            body={"pair": first["pair"], "choice": "left", "strength": 2})
+    assert status == 400 and refused["error"]["field"] == "strength"
+    status, stored = _json(f"{url}/api/v1/comparisons/", token=token,
+                           body={"pair": first["pair"], "choice": "left", "time_ms": 1500})
+    assert status == 201 and stored["shown_choice"] == "left" and stored["time_ms"] == 1500, stored
+    status, repeated = _json(f"{url}/api/v1/comparisons/", token=token,
+                             body={"pair": first["pair"], "choice": "left", "time_ms": 1500})
+    assert status == 200 and repeated["id"] == stored["id"]
+    status, following = _json(f"{url}/api/v1/projects/demo/next/", token=token)
+    assert status == 200 and following["pair"] != first["pair"]
+
+
 def test_serve_runs_web_and_worker_on_a_bare_machine_and_stops_both_on_sigterm(served):
     assert _status(f"{served.url}/api/schema/") == 200
     assert _status(f"{served.url}/api/docs/") == 200
@@ -119,6 +155,7 @@ def test_serve_runs_web_and_worker_on_a_bare_machine_and_stops_both_on_sigterm(s
     assert "user labeler  password preflab-labeler" in served.log()
     children = served.children()
     assert set(children) == {"gunicorn", "worker"}
+    _label_one_pair(served.url)
 
     # The worker consumes from the file-system broker under var/: a task queued by another process runs.
     subprocess.run(

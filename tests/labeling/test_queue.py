@@ -181,6 +181,37 @@ def test_project_rules_on_choice_and_strength(db):
 
 
 @pytest.mark.django_db
+def test_a_refused_submit_keeps_the_lease_and_stores_nothing(db):
+    # The submit takes the lease as it starts; a refusal further on must give it back untouched.
+    project = ProjectFactory(allow_tie=False, labels_per_pair=1)
+    pair = PairFactory(project=project)
+    labeler = _member(project)
+    lease = services.pair_next_for_labeler(project=project, labeler=labeler)
+    for kwargs in ({"choice": "tie"}, {"choice": "left", "strength": 2}):
+        with pytest.raises(DomainError):
+            services.comparison_submit(labeler=labeler, pair_id=pair.pk, **kwargs)
+        kept = Lease.objects.get(pair=pair, labeler=labeler)
+        assert (kept.pk, kept.swapped, kept.skipped) == (lease.pk, lease.swapped, False)
+    assert not Comparison.objects.filter(pair=pair).exists()
+    assert Pair.objects.get(pk=pair.pk).label_count == 0
+    assert services.pair_next_for_labeler(project=project, labeler=labeler).pk == lease.pk
+    result = services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="right")
+    assert result.created and not Lease.objects.filter(pair=pair).exists()
+
+
+@pytest.mark.django_db
+def test_a_pair_outside_the_labelers_projects_is_unknown_to_the_service(project, labeler):
+    pair = PairFactory(project=project)
+    services.pair_next_for_labeler(project=project, labeler=labeler)
+    Membership.objects.filter(project=project, user=labeler).delete()
+    with pytest.raises(DomainError) as exc:
+        services.comparison_submit(labeler=labeler, pair_id=pair.pk, choice="left")
+    assert exc.value.status_code == 404 and exc.value.field == "pair"
+    assert Lease.objects.filter(pair=pair, labeler=labeler).exists()
+    assert not Comparison.objects.exists()
+
+
+@pytest.mark.django_db
 def test_identical_responses_are_refused(project):
     with pytest.raises(DomainError) as exc:
         services.pair_create(project=project, prompt="hi", response_a="same", response_b="same")
@@ -329,8 +360,8 @@ def test_next_and_submit_over_the_api_run_a_fixed_small_number_of_statements(pro
     with django_assert_max_num_queries(8):
         assignment = client.get(f"/api/v1/projects/{project.slug}/next/")
     assert assignment.status_code == 200 and assignment.json()["left"] and assignment.json()["prompt"]
-    # Token, pair with role; savepoint, locked pair, lease, comparison insert, pair update, lease delete, release.
-    with django_assert_max_num_queries(9):
+    # Token; savepoint, locked pair with its project and role, lease taken, comparison insert, pair update, release.
+    with django_assert_max_num_queries(7):
         submitted = client.post("/api/v1/comparisons/", {"pair": assignment.json()["pair"], "choice": "right"},
                                 format="json")
     assert submitted.status_code == 201
