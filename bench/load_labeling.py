@@ -2,12 +2,14 @@
 
 Seeds (or reuses) two projects of generated pairs, gives 32 labelers API tokens, starts gunicorn on loopback with
 the production settings, and drives it from an asyncio client in a closed loop: each labeler asks for its next
-pair (GET /api/v1/projects/<slug>/next/), answers it (POST /api/v1/comparisons/) and asks again, for --seconds per
-project; then one labeler alone does the same for --solo-seconds, which gives the latency without queueing. The
-small project is the baseline of the next-pair latency: the ratio 1M/10k shows whether the queue's cost grows with
-the project. Last, as the plain baseline of the same run, the same clients read the project twice per cycle (the
-cheapest authenticated requests of the API) for --baseline-seconds: the ceiling of this stack on these cores. The client runs on the same cores as the server and the database; its CPU share is printed with the
-results, as is the CPU that other processes on the machine took meanwhile.
+pair (GET /api/v1/projects/<slug>/next/), answers it (POST /api/v1/comparisons/) and asks again, for --seconds on
+the large project and --small-seconds on the small one (which must not run out of pairs); then one labeler alone
+does the same for --solo-seconds, which gives the latency without queueing. The small project is the baseline of
+the next-pair latency: the ratio 1M/10k shows whether the queue's cost grows with the project. Last, as the plain
+baseline of the same run, the same clients read the project twice per cycle (the cheapest authenticated requests
+of the API) for --baseline-seconds: the ceiling of this stack on these cores. The client runs on the same cores
+as the server and the database; its CPU share is printed with the results, as is the CPU that other processes on
+the machine took meanwhile.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/preflab_load_bench .venv/bin/python bench/load_labeling.py
 
@@ -35,7 +37,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=1_000_000, help="pairs of the large project")
     parser.add_argument("--small", type=int, default=10_000, help="pairs of the baseline project")
     parser.add_argument("--labelers", type=int, default=32, help="simulated labelers (= concurrent requests)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per project")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds of the large project")
+    parser.add_argument("--small-seconds", type=float, default=20.0,
+                        help="measured seconds of the small project: at 300 cycles/s, with the warm-up and the "
+                             "labeler alone, 20 s use about 8,500 of its 10,000 pairs at labels_per_pair 1")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each measurement")
     parser.add_argument("--solo-seconds", type=float, default=10.0,
                         help="measured seconds of one labeler alone, after the load, per project")
@@ -257,7 +262,8 @@ def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = Non
     sockets = "one shared listening socket" if args.shared_socket else "a listening socket per worker"
     print(f"gunicorn {args.worker_class}: {args.workers} workers x {args.threads} threads, {sockets}; "
           f"{args.labelers} labelers "
-          f"in a closed loop for {args.seconds:.0f} s per project after {args.warmup:.0f} s warm-up, then one "
+          f"in a closed loop for {args.seconds:.0f} s ({args.small_seconds:.0f} s on the small project) after "
+          f"{args.warmup:.0f} s warm-up, then one "
           f"labeler alone for {args.solo_seconds:.0f} s; labels_per_pair {args.overlap}")
     print(f"{'pairs':>9} {'cycles/s':>9} {'next p50':>9} {'next p99':>9} {'sub p50':>8} {'sub p99':>8} "
           f"{'cyc p50':>8} {'cyc p99':>8} {'errors':>7} {'cpu/cyc':>8} | cores: {'client':>6} {'server':>6} "
@@ -336,13 +342,14 @@ def main() -> None:
                           reuse_port=not args.shared_socket) as (
             server, port, _log):
         for project, size, seeded_s in projects:
+            seconds = args.seconds if size == max(sizes) else args.small_seconds
             meter = _common.CpuMeter(server_pid=server.pid, database=database)
             results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=project.slug, warmup=args.warmup,
-                                             seconds=args.seconds, meter=meter))
+                                             seconds=seconds, meter=meter))
             # The same pairs' latency without queueing behind 31 others: what one assignment costs at this size.
             solo, _ = asyncio.run(drive(port=port, tokens=tokens[:1], slug=project.slug, warmup=1.0,
                                         seconds=args.solo_seconds, meter=meter))
-            rows.append(Row(pairs=size, seeded_s=seeded_s, results=results, seconds=args.seconds, cpu=cpu,
+            rows.append(Row(pairs=size, seeded_s=seeded_s, results=results, seconds=seconds, cpu=cpu,
                             solo=solo))
         baseline = None
         if args.baseline_seconds > 0:
