@@ -2,7 +2,7 @@
 the models' own table and column names, and its rows become model instances through the ORM's own converters.
 
 The queryset versions of these statements cost more CPU to build and compile on every request than the database
-took to run them; with 32 labelers on two cores that was most of a cycle. Everything else uses the ORM."""
+took to run them: half of a labeling cycle's CPU (bench/load_labeling.py). Everything else uses the ORM."""
 from __future__ import annotations
 
 import re
