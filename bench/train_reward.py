@@ -65,10 +65,30 @@ def run_service(train, evaluation, settings: dict, args: argparse.Namespace, wor
         raise SystemExit(f"service run {run.status}: {run.error}")
     scorer = RewardScorer.load(run.artifact_path)
     metrics = evaluate_preferences(scorer, evaluation)
+    correct = _service_correct(scorer, evaluation)
     lineage = RewardModel.objects.get(training_run=run).lineage
     return {"seconds": seconds, "accuracy": metrics["accuracy"], "train_pairs_used": lineage["train_pairs"],
             "shortened": lineage["shortened_pairs"], "train_runtime": run.eval_metrics["train_runtime"],
-            "imported": report.pairs_created, "service_eval_pairs": run.eval_count}
+            "imported": report.pairs_created, "service_eval_pairs": run.eval_count, "correct": correct}
+
+
+def _service_correct(scorer, evaluation) -> list[bool]:
+    """Whether the service's model scored each held-out pair's chosen reply above its rejected one."""
+    ids = [scorer.encode(e.prompt, side).input_ids for e in evaluation for side in (e.chosen, e.rejected)]
+    scores = scorer.score_ids(ids)
+    return [scores[2 * i] > scores[2 * i + 1] for i in range(len(evaluation))]
+
+
+def too_long(evaluation, max_length: int) -> list[bool]:
+    """Pairs whose transcript and longer reply do not fit in max_length tokens (the ones TRL's filter drops
+    from training and right truncation cuts at evaluation)."""
+    from transformers import AutoTokenizer
+
+    from rewards.embedded import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    return [max(len(tokenizer(hh_text(e.prompt) + " " + side)["input_ids"]) for side in (e.chosen, e.rejected))
+            > max_length for e in evaluation]
 
 
 def run_plain_trl(train, evaluation, settings: dict, workdir: Path) -> dict:
@@ -101,7 +121,7 @@ def run_plain_trl(train, evaluation, settings: dict, workdir: Path) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(workdir / "plain").eval()
     device = next(trainer.model.parameters()).device
     model.to(device)
-    correct = 0
+    correct = []
     with torch.inference_mode():
         for example in evaluation:
             texts = [hh_text(example.prompt) + " " + side + tokenizer.sep_token
@@ -109,9 +129,10 @@ def run_plain_trl(train, evaluation, settings: dict, workdir: Path) -> dict:
             batch = tokenizer(texts, truncation=True, max_length=settings["max_length"], padding=True,
                               return_tensors="pt").to(device)
             chosen, rejected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-            correct += bool(chosen > rejected)
-    return {"seconds": time.perf_counter() - started, "accuracy": correct / len(evaluation),
-            "train_pairs_used": kept, "shortened": 0, "train_runtime": output.metrics["train_runtime"]}
+            correct.append(bool(chosen > rejected))
+    return {"seconds": time.perf_counter() - started, "accuracy": sum(correct) / len(evaluation),
+            "train_pairs_used": kept, "shortened": 0, "train_runtime": output.metrics["train_runtime"],
+            "correct": correct}
 
 
 def run_plain_trl_same_pairs(train, evaluation, settings: dict, workdir: Path) -> dict:
@@ -150,15 +171,16 @@ def run_plain_trl_same_pairs(train, evaluation, settings: dict, workdir: Path) -
     output = trainer.train()
     trainer.save_model(str(workdir / "plain-same"))
     model = trainer.model.eval()
-    correct = 0
+    correct = []
     with torch.inference_mode():
         for start in range(0, len(evaluation), 8):
             batch = tokenizer.pad({"input_ids": ids(evaluation[start:start + 8])},
                                   return_tensors="pt").to(model.device)
             scores = model(**batch).logits[:, 0].view(-1, 2)
-            correct += int((scores[:, 0] > scores[:, 1]).sum())
-    return {"seconds": time.perf_counter() - started, "accuracy": correct / len(evaluation), "train_pairs_used": kept,
-            "shortened": 0, "train_runtime": output.metrics["train_runtime"]}
+            correct += (scores[:, 0] > scores[:, 1]).tolist()
+    return {"seconds": time.perf_counter() - started, "accuracy": sum(correct) / len(evaluation),
+            "train_pairs_used": kept, "shortened": 0, "train_runtime": output.metrics["train_runtime"],
+            "correct": correct}
 
 
 def main() -> None:
@@ -191,14 +213,24 @@ def main() -> None:
     if recipe["service_eval_pairs"] != len(evaluation):
         print(f"note: the service held out {recipe['service_eval_pairs']} pairs, the bench {len(evaluation)}")
 
+    long = too_long(evaluation, args.max_length)
+    n_long = sum(long)
+
+    def split(correct: list[bool], want_long: bool) -> str:
+        picked = [c for c, is_long in zip(correct, long, strict=True) if is_long == want_long]
+        return f"{sum(picked) / len(picked):.3f}" if picked else "-"
+
     print(f"{'run':<16}{'wall s':>7}{'train s':>9}{'s/pair':>8}{'train pairs used':>18}{'shortened':>11}"
-          f"{'eval acc':>10}")
+          f"{'eval acc':>10}{'fits':>7}{'longer':>8}")
     rows = (("preflab service", recipe), ("plain TRL", plain), ("plain, same", same))
     for name, row in rows:
         per_pair = row["train_runtime"] / max(row["train_pairs_used"], 1)
         accuracy = "-" if row["accuracy"] != row["accuracy"] else f"{row['accuracy']:.3f}"
         print(f"{name:<16}{row['seconds']:>7.1f}{row['train_runtime']:>9.1f}{per_pair:>8.3f}"
-              f"{row['train_pairs_used']:>11} / {len(train):<4}{row['shortened']:>11}{accuracy:>10}")
+              f"{row['train_pairs_used']:>11} / {len(train):<4}{row['shortened']:>11}{accuracy:>10}"
+              f"{split(row['correct'], False):>7}{split(row['correct'], True):>8}")
+    print(f"fits / longer: held-out accuracy on the {len(evaluation) - n_long} pairs that fit in {args.max_length} "
+          f"tokens and on the {n_long} that do not")
     print("'plain, same' trains plain TRL on the token ids the service trains on (every pair kept, prompts cut "
           "from the left): the equal-work baseline for the overhead.")
     print(f"overhead, equal work: wall preflab / plain-same {recipe['seconds'] / same['seconds']:.3f}, "
