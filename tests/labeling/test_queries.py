@@ -68,3 +68,43 @@ def test_a_staff_user_sees_any_project_and_an_outsider_none(project):
     assert project_get_for_user(slug=project.slug, user=staff).pk == project.pk
     with pytest.raises(NotFound):
         project_get_for_user(slug=project.slug, user=UserFactory())
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+def test_the_open_pair_candidates_walk_the_queue_index_even_as_a_prepared_statement(project, labeler,
+                                                                                   plan_cache_mode):
+    # The partial index pair_queue_open holds open, non-gold pairs; the planner can use it only when it can prove
+    # the statement's conditions imply the index's, which a prepared statement's generic plan cannot do for a
+    # parameter. The statement writes them as literals; this keeps it so.
+    if connection.vendor != "postgresql":
+        pytest.skip("plans are PostgreSQL's")
+    from django.utils import timezone
+    from psycopg import sql as psycopg_sql
+
+    from labeling.services import _candidates
+
+    PairFactory.create_batch(3, project=project)
+    statement = _candidates(gold=False, tried=0, lock=False)
+    params = [project.pk, labeler.pk, labeler.pk, project.labels_per_pair, timezone.now()]
+    with connection.cursor() as cursor:
+        cursor.execute(f"SET LOCAL plan_cache_mode = {plan_cache_mode}")
+        # A three-pair table is read whole; with that plan off, what is left shows whether the index is usable.
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        # The project, the labeler twice, the overlap, now.
+        cursor.execute("PREPARE candidates (bigint, integer, integer, integer, timestamptz) AS "
+                       + _numbered(statement.sql))
+        try:
+            # EXPLAIN takes no bound parameters: the values go in as literals.
+            values = psycopg_sql.SQL(", ").join(psycopg_sql.Literal(value) for value in params)
+            cursor.execute(psycopg_sql.SQL("EXPLAIN EXECUTE candidates ({})").format(values))
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        finally:
+            cursor.execute("DEALLOCATE candidates")
+    assert "pair_queue_open" in plan, plan
+
+
+def _numbered(sql: str) -> str:
+    """%s placeholders as PostgreSQL's $1, $2... for PREPARE."""
+    parts = sql.split("%s")
+    return "".join(part + (f"${index + 1}" if index < len(parts) - 1 else "") for index, part in enumerate(parts))
