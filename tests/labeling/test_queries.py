@@ -14,7 +14,8 @@ def test_a_statement_names_the_models_tables_and_the_lock_this_database_has():
     statement = Statement("SELECT {pair_columns} FROM {pair} p WHERE p.id = %s {skip_locked p}",
                           pair_columns=(reader, "p"))
     quote = connection.ops.quote_name
-    assert statement.sql.startswith(f"SELECT p.{quote('id')}, p.{quote('label_count')} FROM {quote(Pair._meta.db_table)} p")
+    table = quote(Pair._meta.db_table)
+    assert statement.sql.startswith(f"SELECT p.{quote('id')}, p.{quote('label_count')} FROM {table} p")
     if connection.vendor == "postgresql":
         assert statement.sql.endswith(" FOR UPDATE OF p SKIP LOCKED")
     else:
