@@ -7,7 +7,9 @@ the large project and --small-seconds on the small one (which must not run out o
 does the same for --solo-seconds, which gives the latency without queueing. The small project is the baseline of
 the next-pair latency: the ratio 1M/10k shows whether the queue's cost grows with the project. Last, as the plain
 baseline of the same run, the same clients read the project twice per cycle (the cheapest authenticated requests
-of the API) for --baseline-seconds: the ceiling of this stack on these cores. The client runs on the same cores
+of the API) for --baseline-seconds: the ceiling of this stack on these cores. Then the labelers run paced, together
+at each of --paced-rates cycles/s, each cycle timed from when it was due: the latency below saturation, which the
+closed loop cannot show. The client runs on the same cores
 as the server and the database; its CPU share is printed with the results, as is the CPU that other processes on
 the machine took meanwhile.
 
@@ -51,6 +53,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shared-socket", action="store_true",
                         help="one listening socket for all workers (gunicorn without --reuse-port)")
     parser.add_argument("--only", choices=("small", "large"), help="measure one project only")
+    parser.add_argument("--paced-rates", default="50,100,150",
+                        help="after the closed loop, the same labelers paced to these total cycles/s on the large "
+                             "project (latency below saturation); empty skips it")
+    parser.add_argument("--paced-seconds", type=float, default=20.0, help="measured seconds per paced rate")
     parser.add_argument("--baseline-seconds", type=float, default=20.0,
                         help="measured seconds of the baseline (two project reads per cycle); 0 skips it")
     return parser.parse_args()
@@ -186,12 +192,19 @@ async def baseline_cycle(conn: Connection, slug: str, rng: random.Random,
 
 
 async def client_loop(*, cycle, port: int, token: str, slug: str, stop_at: float, measure_from: float,
-                      results: Results, rng: random.Random) -> None:
-    """One simulated user on one keep-alive connection, running `cycle` in a closed loop until `stop_at`."""
+                      results: Results, rng: random.Random, interval: float | None = None) -> None:
+    """One simulated user on one keep-alive connection, running `cycle` until `stop_at`: in a closed loop, or
+    with `interval`, one cycle every `interval` seconds (from a random phase). Paced cycles are timed from when
+    they were due, so a server that falls behind shows as latency instead of as fewer requests."""
     conn = Connection(port, token)
+    due = time.perf_counter() + rng.uniform(0, interval) if interval else 0.0
     try:
         while time.perf_counter() < stop_at:
-            started = time.perf_counter()
+            if interval:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                started, due = due, due + interval
+            else:
+                started = time.perf_counter()
             try:
                 marks = await cycle(conn, slug, rng, results)
             except (OSError, asyncio.IncompleteReadError, ValueError, KeyError) as exc:
@@ -210,14 +223,18 @@ async def client_loop(*, cycle, port: int, token: str, slug: str, stop_at: float
 
 
 async def drive(*, port: int, tokens: list[str], slug: str, warmup: float, seconds: float,
-                meter: _common.CpuMeter, cycle=labeling_cycle) -> tuple[Results, dict[str, float]]:
+                meter: _common.CpuMeter, cycle=labeling_cycle,
+                rate: float | None = None) -> tuple[Results, dict[str, float]]:
+    """Every token's user running `cycle` for `warmup` + `seconds`; in a closed loop, or together `rate` cycles
+    per second (each user one every len(tokens) / rate seconds)."""
     results = Results()
     now = time.perf_counter()
     measure_from, stop_at = now + warmup, now + warmup + seconds
     rng = random.Random(7)
+    interval = len(tokens) / rate if rate else None
     tasks = [asyncio.create_task(client_loop(cycle=cycle, port=port, token=token, slug=slug, stop_at=stop_at,
                                              measure_from=measure_from, results=results,
-                                             rng=random.Random(rng.random())))
+                                             rng=random.Random(rng.random()), interval=interval))
              for token in tokens]
     await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
     meter.start()
@@ -254,6 +271,19 @@ class Row:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
+
+
+def report_paced(paced: list[tuple[float, Results]], seconds: float) -> None:
+    p = _common.percentile
+    print()
+    print("paced: the same 32 labelers on the large project, together at a set rate (each cycle timed from when it "
+          "was due)")
+    print(f"{'offered':>9} {'cycles/s':>9} {'next p50':>9} {'next p99':>9} {'sub p99':>8} {'cyc p50':>8} "
+          f"{'cyc p99':>8} {'errors':>7}")
+    for rate, r in paced:
+        print(f"{rate:>9.0f} {len(r.cycle_ms) / seconds:>9.1f} {p(r.next_ms, 50):>9.1f} {p(r.next_ms, 99):>9.1f} "
+              f"{p(r.submit_ms, 99):>8.1f} {p(r.cycle_ms, 50):>8.1f} {p(r.cycle_ms, 99):>8.1f} "
+              f"{sum(r.errors.values()):>7}")
 
 
 def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = None) -> None:
@@ -359,7 +389,15 @@ def main() -> None:
                                              seconds=args.baseline_seconds, meter=meter, cycle=baseline_cycle))
             baseline = Row(pairs=0, seeded_s=0.0, results=results, seconds=args.baseline_seconds, cpu=cpu,
                            solo=Results())
+        paced = []
+        for rate in [float(value) for value in args.paced_rates.split(",") if value.strip()]:
+            meter = _common.CpuMeter(server_pid=server.pid, database=database)
+            results, _ = asyncio.run(drive(port=port, tokens=tokens, slug=projects[-1][0].slug, warmup=args.warmup,
+                                           seconds=args.paced_seconds, meter=meter, rate=rate))
+            paced.append((rate, results))
     report(rows, args, baseline)
+    if paced:
+        report_paced(paced, args.paced_seconds)
 
 
 if __name__ == "__main__":
