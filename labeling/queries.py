@@ -120,3 +120,13 @@ class RowReader:
 
 def db_datetime(value: Any) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
+
+
+def member_role(project_id: str) -> str:
+    """A select-list subquery: the role of the user given as the next parameter in the project whose id is the
+    column `project_id`, NULL for a non-member."""
+    return f"(SELECT m.role FROM {{membership}} m WHERE m.project_id = {project_id} AND m.user_id = %s)"
+
+
+PROJECT = RowReader.all_fields(Project)
+PAIR = RowReader.all_fields(Pair)

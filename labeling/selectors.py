@@ -23,25 +23,29 @@ def project_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Project]:
 
 
 # The project and the user's membership role in it, in one statement (it runs on every labeling request).
-_PROJECT = queries.RowReader.all_fields(Project)
-_PROJECT_WITH_ROLE = queries.Statement("""
-    SELECT {project_columns},
-           (SELECT m.role FROM {membership} m WHERE m.project_id = pr.id AND m.user_id = %s)
-    FROM {project} pr WHERE pr.slug = %s""", project_columns=(_PROJECT, "pr"))
+_PROJECT_WITH_ROLE = queries.Statement(f"""
+    SELECT {{project_columns}}, {queries.member_role("pr.id")}
+    FROM {{project}} pr WHERE pr.slug = %s""", project_columns=(queries.PROJECT, "pr"))
+
+
+def project_role(*, user: AbstractBaseUser, member_role: str | None) -> str | None:
+    """What the user may do in a project where their membership role is `member_role` (None: not a member):
+    staff act as 'admin' everywhere, anyone else by their membership, and a non-member not at all."""
+    if not user.is_authenticated:
+        return None
+    return "admin" if user.is_staff else member_role
 
 
 def project_get_for_user(*, slug: str, user: AbstractBaseUser, manage: bool = False) -> Project:
     """The project if the user may see it (and manage it when `manage`); a non-member gets a 404 so that
     project names do not leak. Staff see every project as admins."""
-    row = None
-    if user.is_authenticated:
-        row = _PROJECT_WITH_ROLE.fetch_one([user.pk, slug])
-    role = None if row is None else "admin" if user.is_staff else row[-1]
+    row = _PROJECT_WITH_ROLE.fetch_one([user.pk, slug]) if user.is_authenticated else None
+    role = None if row is None else project_role(user=user, member_role=row[-1])
     if role is None:
         raise NotFound(f"Project '{slug}' not found.", field="project")
     if manage and role not in ("admin", Membership.Role.MANAGER):
         raise Forbidden("Only the project's managers can do this.", field="project")
-    return _PROJECT.read(row)
+    return queries.PROJECT.read(row)
 
 
 # --- scoped API keys ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from labeling import queries
+from labeling import queries, selectors
 from labeling.errors import Conflict, DomainError, NotFound
 from labeling.models import (
     ApiToken,
@@ -208,7 +208,6 @@ def _has_free_slot(*, pair: Pair, labeler: AbstractBaseUser, now) -> bool:
     return pair.label_count + others < pair.project.labels_per_pair
 
 
-_PAIR = queries.RowReader.all_fields(Pair)
 _PROMPT = queries.RowReader.all_fields(Prompt)
 _RESPONSE = queries.RowReader.all_fields(Response)
 _CANDIDATE = queries.RowReader(Pair, ["id", "gold_choice", "label_count"])
@@ -252,7 +251,7 @@ _CONTENT = queries.Statement("""
     SELECT {pair_columns}, {prompt_columns}, {a_columns}, {b_columns}
     FROM {pair} p JOIN {prompt} q ON q.id = p.prompt_id
     JOIN {response} ra ON ra.id = p.response_a_id JOIN {response} rb ON rb.id = p.response_b_id
-    WHERE p.id = %s""", pair_columns=(_PAIR, "p"), prompt_columns=(_PROMPT, "q"), a_columns=(_RESPONSE, "ra"),
+    WHERE p.id = %s""", pair_columns=(queries.PAIR, "p"), prompt_columns=(_PROMPT, "q"), a_columns=(_RESPONSE, "ra"),
                              b_columns=(_RESPONSE, "rb"))
 _candidate_statements: dict[tuple[bool, int, bool], queries.Statement] = {}
 
@@ -322,8 +321,8 @@ def _lease_with_content(lease: Lease, *, project: Project) -> Lease:
     the pair alone: with these three tables joined in, PostgreSQL took 3.7 ms to plan the candidate query (2.2 ms
     the held-lease one), against 0.3 ms (0.1 ms) without."""
     row = _CONTENT.fetch_one([lease.pair_id])
-    pair = _PAIR.read(row)
-    offset = _PAIR.width
+    pair = queries.PAIR.read(row)
+    offset = queries.PAIR.width
     pair.prompt = _PROMPT.read(row, offset)
     pair.response_a = _RESPONSE.read(row, offset + _PROMPT.width)
     pair.response_b = _RESPONSE.read(row, offset + _PROMPT.width + _RESPONSE.width)
@@ -434,16 +433,14 @@ def _same_or_conflict(*, existing: Comparison, frame_choice: str, strength: int 
     return SubmitResult(comparison=existing, created=False)
 
 
-_SUBMIT_PROJECT = queries.RowReader.all_fields(Project)
 _SUBMIT_LEASE = queries.RowReader(Lease, ["id", "swapped", "expires_at"])
 # The pair (locked) with its project and the labeler's role in it. Then their lease, taken in a statement of its
 # own so that its snapshot is taken after the lock (a concurrent submit of the same labeler may just have used it):
 # deleted at once, since a submit that is refused further on rolls back and the lease with it.
-_SUBMIT_PAIR = queries.Statement("""
-    SELECT {pair_columns}, {project_columns},
-           (SELECT m.role FROM {membership} m WHERE m.project_id = p.project_id AND m.user_id = %s)
-    FROM {pair} p JOIN {project} pr ON pr.id = p.project_id
-    WHERE p.id = %s {lock p}""", pair_columns=(_PAIR, "p"), project_columns=(_SUBMIT_PROJECT, "pr"))
+_SUBMIT_PAIR = queries.Statement(f"""
+    SELECT {{pair_columns}}, {{project_columns}}, {queries.member_role("p.project_id")}
+    FROM {{pair}} p JOIN {{project}} pr ON pr.id = p.project_id
+    WHERE p.id = %s {{lock p}}""", pair_columns=(queries.PAIR, "p"), project_columns=(queries.PROJECT, "pr"))
 _LEASE_TAKE = queries.Statement("""
     DELETE FROM {lease} WHERE pair_id = %s AND labeler_id = %s AND NOT skipped RETURNING {lease_columns}""",
                                 lease_columns=(_SUBMIT_LEASE, ""))
@@ -459,10 +456,10 @@ def _pair_for_submit(*, pair_id: int, labeler: AbstractBaseUser) -> tuple[Pair, 
     transaction keeps it unless the submit succeeds). A pair of a project the labeler is not a member of (staff
     aside) is missing like an unknown id, so the answer names no project."""
     row = _SUBMIT_PAIR.fetch_one([labeler.pk, pair_id])
-    if row is None or (row[-1] is None and not labeler.is_staff):
+    if row is None or selectors.project_role(user=labeler, member_role=row[-1]) is None:
         raise NotFound(f"Pair {pair_id} does not exist.", field="pair")
-    pair = _PAIR.read(row)
-    pair.project = _SUBMIT_PROJECT.read(row, _PAIR.width)
+    pair = queries.PAIR.read(row)
+    pair.project = queries.PROJECT.read(row, queries.PAIR.width)
     row = _LEASE_TAKE.fetch_one([pair_id, labeler.pk])
     if row is None:
         return pair, None
