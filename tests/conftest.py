@@ -14,9 +14,7 @@ from tests.factories import ProjectFactory, UserFactory
 
 def pytest_collection_modifyitems(config, items):
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL); SQLite has no row locks")
-    from django.conf import settings
-
-    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    if connection.vendor != "postgresql":
         for item in items:
             if "postgres" in item.keywords:
                 item.add_marker(skip_pg)

@@ -307,10 +307,17 @@ def test_a_postgres_restart_fails_requests_in_flight_cleanly_and_the_next_succee
         assert set(during_restart.outcomes) <= {"ok", "503 database_unavailable"}, during_restart.outcomes
 
         # Connections dropped while idle (the server's persistent ones) are replaced before use, not failed on.
+        # Their health check reads the socket instead of sending a query, so the requests start once the
+        # server has ended those sessions (a request racing the drop itself is one in flight, answered 503).
         with psycopg.connect(pg.dsn("preflab"), autocommit=True) as conn:
-            dropped = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                   "WHERE datname = 'preflab' AND pid <> pg_backend_pid()").fetchone()[0]
-        assert dropped >= 1
+            dropped = [row[0] for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = 'preflab' AND pid <> pg_backend_pid()").fetchall()]
+            for pid in dropped:
+                conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+            wait_until(lambda: not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                                                [dropped]).fetchone()[0],
+                       what="the dropped sessions to end", timeout=TIMEOUT)
+        assert len(dropped) >= 1
         with ThreadPoolExecutor(max_workers=4) as pool:
             after_drop = Counter(r.status_code for r in pool.map(
                 lambda _: api.get(f"/api/v1/projects/{slug}/next/"), range(12)))
@@ -332,7 +339,7 @@ def test_a_postgres_restart_fails_requests_in_flight_cleanly_and_the_next_succee
         figure(f"[faults] postgres restart: in-flight submit {cut.status_code} {cut.json()['error']['code']}, "
               f"{sum(during_restart.outcomes.values())} requests during the restart {dict(during_restart.outcomes)}, "
               f"first request after it ok in {first_after.elapsed.total_seconds():.2f} s, then 12/12 ok; "
-              f"{dropped} idle connections dropped: 12/12 next requests ok; stopped: "
+              f"{len(dropped)} idle connections dropped: 12/12 next requests ok; stopped: "
               f"4/4 requests 503 (slowest {max(r.elapsed.total_seconds() for r in down):.2f} s), /metrics 200; "
               f"started again: first request ok in {back.elapsed.total_seconds():.2f} s")
     finally:
