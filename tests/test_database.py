@@ -22,75 +22,66 @@ def test_a_repeated_query_runs_as_a_prepared_statement():
     assert [s for s in prepared() if "labeling_apitoken" in s]
 
 
-def _kept_connection():
-    """A second connection to the test database, as a server process keeps one between requests."""
+@pytest.fixture
+def kept():
+    """A second connection to the test database, as a server process keeps one between requests, and its
+    backend's pid; closed after the test."""
     from django.db import connections
 
-    kept = connections.create_connection("default")
-    kept.connect()
-    with kept.cursor() as cursor:
+    wrapper = connections.create_connection("default")
+    wrapper.connect()
+    with wrapper.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         pid = cursor.fetchone()[0]
-    kept.close_if_unusable_or_obsolete()  # the end of a request: the next cursor runs the health check
-    return kept, pid
+    wrapper.close_if_unusable_or_obsolete()  # the end of a request: the next cursor runs the health check
+    yield wrapper, pid
+    wrapper.close()
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db
-def test_the_health_check_of_a_kept_connection_sends_no_query(monkeypatch):
-    kept, _ = _kept_connection()
-    try:
-        assert kept.health_check_enabled and not kept.health_check_done
-        sent = []
-        raw = kept.connection
-        monkeypatch.setattr(raw, "execute", lambda *a, **k: sent.append(a))
-        monkeypatch.setattr(raw, "cursor", lambda *a, **k: sent.append(a))
-        assert kept.is_usable()
-        kept.close_if_health_check_failed()
-        assert kept.connection is raw and kept.health_check_done
-        assert sent == []
-    finally:
-        monkeypatch.undo()
-        kept.close()
+def test_the_health_check_of_a_kept_connection_sends_no_query(monkeypatch, kept):
+    kept, _ = kept
+    assert kept.health_check_enabled and not kept.health_check_done
+    sent = []
+    raw = kept.connection
+    monkeypatch.setattr(raw, "execute", lambda *a, **k: sent.append(a))
+    monkeypatch.setattr(raw, "cursor", lambda *a, **k: sent.append(a))
+    assert kept.is_usable()
+    kept.close_if_health_check_failed()
+    assert kept.connection is raw and kept.health_check_done
+    assert sent == []
+    monkeypatch.undo()
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db
-def test_a_connection_the_server_ended_fails_the_health_check_and_is_replaced():
-    import time
+def test_a_connection_the_server_ended_fails_the_health_check_and_is_replaced(kept):
+    from tests.reliability.servers import wait_until
 
-    kept, pid = _kept_connection()
-    try:
-        assert kept.is_usable()
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
-            assert cursor.fetchone()[0] is True
-        deadline = time.monotonic() + 10
-        while kept.is_usable() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not kept.is_usable()
-        # The next request's first cursor: the check closes the dead connection and a new one answers.
-        with kept.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            assert cursor.fetchone()[0] != pid
-    finally:
-        kept.close()
+    kept, pid = kept
+    assert kept.is_usable()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        assert cursor.fetchone()[0] is True
+    wait_until(lambda: not kept.is_usable(), what="the ended session's socket to turn readable", timeout=10)
+    # The next request's first cursor: the check closes the dead connection and a new one answers.
+    with kept.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid
 
 
 @pytest.mark.postgres
 @pytest.mark.django_db
-def test_a_connection_in_a_failed_transaction_is_not_usable():
+def test_a_connection_in_a_failed_transaction_is_not_usable(kept):
     from django.db import DatabaseError
 
-    kept, _ = _kept_connection()
-    try:
-        kept.set_autocommit(False)
-        with pytest.raises(DatabaseError):
-            with kept.cursor() as cursor:
-                cursor.execute("SELECT 1 / 0")
-        assert not kept.is_usable()
-        kept.rollback()
-        kept.set_autocommit(True)
-        assert kept.is_usable()
-    finally:
-        kept.close()
+    kept, _ = kept
+    kept.set_autocommit(False)
+    with pytest.raises(DatabaseError):
+        with kept.cursor() as cursor:
+            cursor.execute("SELECT 1 / 0")
+    assert not kept.is_usable()
+    kept.rollback()
+    kept.set_autocommit(True)
+    assert kept.is_usable()
