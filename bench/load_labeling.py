@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--paced-seconds", type=float, default=20.0, help="measured seconds per paced rate")
     parser.add_argument("--baseline-seconds", type=float, default=20.0,
                         help="measured seconds of the baseline (two project reads per cycle); 0 skips it")
+    parser.add_argument("--one-request-seconds", type=float, default=30.0,
+                        help="measured seconds of the same labelers on the large project answering with "
+                             "`next: true` (the submit returns the next pair: one request per label); 0 skips it")
     return parser.parse_args()
 
 
@@ -78,6 +81,7 @@ class Connection:
                         "Accept: application/json\r\n")
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.pending: int | None = None  # the pair in hand, in the one-request cycle
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         head = f"{method} {path} HTTP/1.1\r\n{self.headers}"
@@ -154,12 +158,9 @@ class Results:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
-async def labeling_cycle(conn: Connection, slug: str, rng: random.Random,
-                         results: Results) -> tuple[float, float] | None:
-    """Next pair, then its answer: the times of the first response and of the second, or None when the cycle
-    does not count (an empty queue, an error)."""
+async def ask_next(conn: Connection, slug: str, results: Results) -> int | None:
+    """GET .../next/: the pair leased, or None (an empty queue, counted, after a pause; an error, recorded)."""
     status, body = await conn.request("GET", f"/api/v1/projects/{slug}/next/")
-    got_next = time.perf_counter()
     if status == 204:
         results.empty += 1
         await asyncio.sleep(0.1)
@@ -167,14 +168,50 @@ async def labeling_cycle(conn: Connection, slug: str, rng: random.Random,
     if status != 200:
         results.error(f"next {status}")
         return None
-    pair = json.loads(body)["pair"]
-    answer = json.dumps({"pair": pair, "choice": rng.choice(("left", "right", "left", "tie")),
-                         "time_ms": rng.randint(2000, 30000)}).encode()
-    status, body = await conn.request("POST", "/api/v1/comparisons/", answer)
+    return json.loads(body)["pair"]
+
+
+def answer_for(pair: int, rng: random.Random, **extra) -> bytes:
+    return json.dumps({"pair": pair, "choice": rng.choice(("left", "right", "left", "tie")),
+                       "time_ms": rng.randint(2000, 30000), **extra}).encode()
+
+
+async def labeling_cycle(conn: Connection, slug: str, rng: random.Random,
+                         results: Results) -> tuple[float, float] | None:
+    """Next pair, then its answer: the times of the first response and of the second, or None when the cycle
+    does not count (an empty queue, an error)."""
+    pair = await ask_next(conn, slug, results)
+    got_next = time.perf_counter()
+    if pair is None:
+        return None
+    status, body = await conn.request("POST", "/api/v1/comparisons/", answer_for(pair, rng))
     if status not in (200, 201):
         results.error(f"submit {status}: {body[:120]!r}")
         return None
     return got_next, time.perf_counter()
+
+
+async def one_request_cycle(conn: Connection, slug: str, rng: random.Random,
+                            results: Results) -> tuple[float, float] | None:
+    """The answer to the pair in hand with `next: true`, whose response carries the next pair: one request per
+    label, as the labeling page works. A labeler's first cycle asks for its first pair with GET .../next/."""
+    if conn.pending is None:
+        conn.pending = await ask_next(conn, slug, results)
+        if conn.pending is None:
+            return None
+    answer = answer_for(conn.pending, rng, next=True)
+    conn.pending = None
+    status, body = await conn.request("POST", "/api/v1/comparisons/", answer)
+    done = time.perf_counter()
+    if status not in (200, 201):
+        results.error(f"submit {status}: {body[:120]!r}")
+        return None
+    following = json.loads(body)["next"]
+    if following is None:
+        results.empty += 1
+        return None
+    conn.pending = following["pair"]
+    return done, done
 
 
 async def baseline_cycle(conn: Connection, slug: str, rng: random.Random,
@@ -286,7 +323,8 @@ def report_paced(paced: list[tuple[float, Results]], seconds: float) -> None:
               f"{sum(r.errors.values()):>7}")
 
 
-def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = None) -> None:
+def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = None,
+           one_request: Row | None = None) -> None:
     p = _common.percentile
     print()
     sockets = "one shared listening socket" if args.shared_socket else "a listening socket per worker"
@@ -320,6 +358,20 @@ def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = Non
         for row in rows:
             print(f"labeling at {row.pairs:,} pairs / baseline: cycles/s {row.rate / baseline.rate:.2f}, "
                   f"CPU per cycle {row.cpu_ms_per_cycle / baseline.cpu_ms_per_cycle:.2f}")
+    if one_request is not None:
+        o, cpu = one_request.results, one_request.cpu
+        print(f"{'1 request':>9} {one_request.rate:>9.1f} {'':>9} {'':>9} {'':>8} {'':>8} {p(o.cycle_ms, 50):>8.1f} "
+              f"{p(o.cycle_ms, 99):>8.1f} {sum(o.errors.values()):>7} {one_request.cpu_ms_per_cycle:>8.1f} | "
+              f"{cpu['client']:>13.2f} {cpu['server']:>6.2f} {cpu['postgres']:>5.2f} {cpu['other']:>5.2f} |")
+        print(f"1 request: the same 32 labelers on the {one_request.pairs:,}-pair project, each answer posted with "
+              "`next: true` so that its response carries the next pair (one request per label, as the labeling "
+              "page works)")
+        for kind, count in sorted(o.errors.items()):
+            print(f"          error {kind}: {count}")
+        two = next((row for row in rows if row.pairs == one_request.pairs), None)
+        if two is not None:
+            print(f"one request / next + submit at {two.pairs:,} pairs: cycles/s {one_request.rate / two.rate:.2f}, "
+                  f"CPU per cycle {one_request.cpu_ms_per_cycle / two.cpu_ms_per_cycle:.2f}")
     print(f"latencies in ms, measured by the client; cpu/cyc: ms of CPU per cycle taken by the client, gunicorn and "
           f"its PostgreSQL backends together; cores: CPU seconds per second during the measured interval, of the "
           f"{os.cpu_count()} this machine has (other: every process outside this benchmark)")
@@ -336,7 +388,13 @@ def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = Non
         cycle_p99 = p(row.results.cycle_ms, 99)
         line(f"cycle p99 < {TARGET_P99_MS:.0f} ms at {row.pairs:,} pairs", f"{cycle_p99:.1f}",
              cycle_p99 < TARGET_P99_MS)
-    errors = sum(row.error_count for row in rows)
+    if one_request is not None:
+        line(f"cycles/s >= {TARGET_RATE:.0f}, one request per label", f"{one_request.rate:.1f}",
+             one_request.rate >= TARGET_RATE)
+        cycle_p99 = p(one_request.results.cycle_ms, 99)
+        line(f"cycle p99 < {TARGET_P99_MS:.0f} ms, one request per label", f"{cycle_p99:.1f}",
+             cycle_p99 < TARGET_P99_MS)
+    errors = sum(row.error_count for row in rows) + (one_request.error_count if one_request is not None else 0)
     line("errors = 0", str(errors), errors == 0)
     if len(rows) == 2:
         small, large = rows
@@ -389,13 +447,22 @@ def main() -> None:
                                              seconds=args.baseline_seconds, meter=meter, cycle=baseline_cycle))
             baseline = Row(pairs=0, seeded_s=0.0, results=results, seconds=args.baseline_seconds, cpu=cpu,
                            solo=Results())
+        one_request = None
+        if args.one_request_seconds > 0:
+            project, size, _ = projects[-1]
+            meter = _common.CpuMeter(server_pid=server.pid, database=database)
+            results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=project.slug, warmup=args.warmup,
+                                             seconds=args.one_request_seconds, meter=meter,
+                                             cycle=one_request_cycle))
+            one_request = Row(pairs=size, seeded_s=0.0, results=results, seconds=args.one_request_seconds, cpu=cpu,
+                              solo=Results())
         paced = []
         for rate in [float(value) for value in args.paced_rates.split(",") if value.strip()]:
             meter = _common.CpuMeter(server_pid=server.pid, database=database)
             results, _ = asyncio.run(drive(port=port, tokens=tokens, slug=projects[-1][0].slug, warmup=args.warmup,
                                            seconds=args.paced_seconds, meter=meter, rate=rate))
             paced.append((rate, results))
-    report(rows, args, baseline)
+    report(rows, args, baseline, one_request)
     if paced:
         report_paced(paced, args.paced_seconds)
 

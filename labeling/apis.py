@@ -236,6 +236,17 @@ class AssignmentOutput(serializers.Serializer):
         return (lease.pair.response_a if lease.swapped else lease.pair.response_b).text
 
 
+class ComparisonSubmitOutput(ComparisonOutput):
+    """The stored comparison; with `next` when the submit asked for it."""
+
+    next = AssignmentOutput(required=False, allow_null=True,
+                            help_text="Only when the request set `next`: the next pair leased to you, as "
+                                      "`GET /projects/{slug}/next/` returns it, or null when nothing is left.")
+
+    class Meta(ComparisonOutput.Meta):
+        fields = [*ComparisonOutput.Meta.fields, "next"]
+
+
 class PairNextApi(APIView):
     @extend_schema(responses={200: AssignmentOutput, 204: None, **ERRORS})
     def get(self, request, slug: str):
@@ -270,16 +281,28 @@ class ComparisonSubmitApi(APIView):
                                       required=False, default=list, max_length=10)
         time_ms = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False, allow_null=True,
                                            default=None)
+        next = serializers.BooleanField(
+            required=False, default=False,
+            help_text="Also lease the next pair of the same project and return it as `next` (null when nothing is "
+                      "left for you): one round trip per label instead of two.")
 
-    @extend_schema(request=InputSerializer, responses={201: ComparisonOutput, 200: ComparisonOutput, **ERRORS})
+    @extend_schema(request=InputSerializer,
+                   responses={201: ComparisonSubmitOutput, 200: ComparisonSubmitOutput, **ERRORS})
     def post(self, request):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         values = dict(data.validated_data)
+        then_next = values.pop("next")
         # The service refuses a pair outside the labeler's projects as unknown (a removed member's leases are void).
-        result = services.comparison_submit(labeler=request.user, pair_id=values.pop("pair"), **values)
-        return Response(ComparisonOutput(result.comparison).data,
-                        status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
+        if then_next:
+            result, lease = services.comparison_submit_and_next(labeler=request.user, pair_id=values.pop("pair"),
+                                                                **values)
+        else:
+            result = services.comparison_submit(labeler=request.user, pair_id=values.pop("pair"), **values)
+        body = ComparisonOutput(result.comparison).data
+        if then_next:
+            body["next"] = AssignmentOutput(lease).data if lease is not None else None
+        return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
 
 class TokenRevokeApi(APIView):

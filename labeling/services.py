@@ -409,19 +409,49 @@ def comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, choice: str, s
     """Record a labeler's choice for a pair leased to them. `choice` is in the labeler's frame (left/right as
     shown) and is stored in the pair's A/B frame. Re-posting the same comparison returns the stored one. A pair
     of a project the labeler is not a member of (staff aside) is refused as unknown."""
+    result, _ = _submit(labeler=labeler, pair_id=pair_id, choice=choice, strength=strength, rationale=rationale,
+                        flags=flags, time_ms=time_ms, then_next=False, rng=None)
+    return result
+
+
+def comparison_submit_and_next(*, labeler: AbstractBaseUser, pair_id: int, choice: str, strength: int | None = None,
+                               rationale: str = "", flags: list[str] | None = None, time_ms: int | None = None,
+                               rng: random.Random | None = None) -> tuple[SubmitResult, Lease | None]:
+    """`comparison_submit`, then the labeler's next pair of the same project as `pair_next_for_labeler` gives it
+    (None when the queue has nothing left for them): one round trip per label, as the labeling page works. A new
+    comparison and the next lease are written in one transaction; a refused submit leases nothing. A repeated
+    submit (the client retrying after a lost response) returns the stored comparison and the pair the labeler
+    holds, so a retry never skips a pair."""
+    return _submit(labeler=labeler, pair_id=pair_id, choice=choice, strength=strength, rationale=rationale,
+                   flags=flags, time_ms=time_ms, then_next=True, rng=rng)
+
+
+def _submit(*, labeler: AbstractBaseUser, pair_id: int, choice: str, strength: int | None, rationale: str,
+            flags: list[str] | None, time_ms: int | None, then_next: bool,
+            rng: random.Random | None) -> tuple[SubmitResult, Lease | None]:
     if choice not in FRAME_CHOICES:
         raise DomainError(f"choice must be one of {', '.join(FRAME_CHOICES)}.", field="choice")
     flags = sorted(set(flags or []))
+    lease = None
     try:
-        return _comparison_submit(labeler=labeler, pair_id=pair_id, frame_choice=choice, strength=strength,
-                                  rationale=rationale, flags=flags, time_ms=time_ms)
+        with transaction.atomic():
+            result = _comparison_submit(labeler=labeler, pair_id=pair_id, frame_choice=choice, strength=strength,
+                                        rationale=rationale, flags=flags, time_ms=time_ms)
+            if then_next:
+                lease = _lease_next(project=result.comparison.project, labeler=labeler, rng=rng)
     except IntegrityError:
         # Another request of the same labeler stored its comparison first (the database refused a second).
-        existing = Comparison.objects.filter(pair_id=pair_id, labeler=labeler).first()
+        existing = Comparison.objects.select_related("project").filter(pair_id=pair_id, labeler=labeler).first()
         if existing is None:
             raise
-        return _same_or_conflict(existing=existing, frame_choice=choice, strength=strength, rationale=rationale,
-                                 flags=flags)
+        result = _same_or_conflict(existing=existing, frame_choice=choice, strength=strength, rationale=rationale,
+                                   flags=flags)
+        if then_next:
+            with transaction.atomic():
+                lease = _lease_next(project=existing.project, labeler=labeler, rng=rng)
+    if lease is not None:
+        lease = _lease_with_content(lease, project=result.comparison.project)
+    return result, lease
 
 
 def _same_or_conflict(*, existing: Comparison, frame_choice: str, strength: int | None, rationale: str,
@@ -468,7 +498,6 @@ def _pair_for_submit(*, pair_id: int, labeler: AbstractBaseUser) -> tuple[Pair, 
     return pair, lease
 
 
-@transaction.atomic
 def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice: str, strength: int | None,
                        rationale: str, flags: list[str], time_ms: int | None) -> SubmitResult:
     pair, lease = _pair_for_submit(pair_id=pair_id, labeler=labeler)
@@ -477,6 +506,7 @@ def _comparison_submit(*, labeler: AbstractBaseUser, pair_id: int, frame_choice:
     if lease is None:
         existing = Comparison.objects.filter(pair=pair, labeler=labeler).first()
         if existing is not None:
+            existing.pair, existing.project = pair, pair.project
             return _same_or_conflict(existing=existing, frame_choice=frame_choice, strength=strength,
                                      rationale=rationale, flags=flags)
         raise Conflict("This pair is not leased to you; ask the queue for a pair first.", field="pair",

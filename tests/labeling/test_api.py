@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from rest_framework.test import APIClient
 
-from labeling.models import ApiToken, Membership, Pair, Project
+from labeling.models import ApiToken, Comparison, Lease, Membership, Pair, Project
 from tests.conftest import client_for
 from tests.factories import PairFactory, UserFactory
 
@@ -126,6 +126,62 @@ def test_skip_over_http_releases_and_moves_on(project, labeler):
     assert client.get(f"/api/v1/projects/{project.slug}/next/").json()["pair"] == second.pk
     again = client.post(f"/api/v1/projects/{project.slug}/skip/", {"pair": first.pk}, format="json")
     assert again.status_code == 404 and again.json()["error"]["field"] == "pair"
+
+
+@pytest.mark.django_db
+def test_submit_with_next_labels_a_project_in_one_request_per_pair(project, labeler):
+    pairs = [PairFactory(project=project, priority=priority) for priority in (3, 2, 1)]
+    client = client_for(labeler)
+    shown = client.get(f"/api/v1/projects/{project.slug}/next/").json()
+    assert shown["pair"] == pairs[0].pk
+    plain = client.post("/api/v1/comparisons/", {"pair": pairs[0].pk, "choice": "left"}, format="json")
+    assert plain.status_code == 201 and "next" not in plain.json()
+    shown = client.get(f"/api/v1/projects/{project.slug}/next/").json()
+    assert shown["pair"] == pairs[1].pk
+    for current, following in ((pairs[1], pairs[2]), (pairs[2], None)):
+        response = client.post("/api/v1/comparisons/", {"pair": current.pk, "choice": "right", "next": True},
+                               format="json")
+        assert response.status_code == 201
+        body = response.json()
+        assert body["pair"] == current.pk and body["shown_choice"] == "right"
+        if following is None:
+            assert body["next"] is None
+            continue
+        # The pair in `next` is leased, and shown as the next-pair endpoint shows it (which renews the lease).
+        assert body["next"]["pair"] == following.pk
+        assert Lease.objects.filter(pair=following, labeler=labeler, skipped=False).count() == 1
+        again = client.get(f"/api/v1/projects/{project.slug}/next/").json()
+        assert again.pop("expires_at") >= body["next"].pop("expires_at")
+        assert again == body["next"] and set(again) == {"pair", "prompt", "left", "right"}
+    assert Comparison.objects.filter(labeler=labeler).count() == 3
+    assert not Lease.objects.filter(labeler=labeler).exists()
+
+
+@pytest.mark.django_db
+def test_submit_with_next_repeated_returns_the_same_next_and_refused_leases_nothing(project, labeler):
+    first, second, third = (PairFactory(project=project, priority=priority) for priority in (3, 2, 1))
+    client = client_for(labeler)
+    client.get(f"/api/v1/projects/{project.slug}/next/")
+    answer = {"pair": first.pk, "choice": "tie", "next": True}
+    created = client.post("/api/v1/comparisons/", answer, format="json")
+    assert created.status_code == 201 and created.json()["next"]["pair"] == second.pk
+    # The client lost the response and sends it again: the stored answer and the pair it already holds.
+    repeated = client.post("/api/v1/comparisons/", answer, format="json")
+    assert repeated.status_code == 200
+    assert repeated.json()["id"] == created.json()["id"]
+    assert repeated.json()["next"]["pair"] == second.pk
+    assert repeated.json()["next"]["left"] == created.json()["next"]["left"]
+    leases = list(Lease.objects.filter(labeler=labeler).values_list("pair_id", flat=True))
+    assert leases == [second.pk]
+    changed = client.post("/api/v1/comparisons/", {**answer, "choice": "left"}, format="json")
+    assert changed.status_code == 409 and changed.json()["error"]["code"] == "already_labeled"
+    not_leased = client.post("/api/v1/comparisons/", {"pair": third.pk, "choice": "left", "next": True},
+                             format="json")
+    assert not_leased.status_code == 409 and not_leased.json()["error"]["code"] == "not_leased"
+    bad = client.post("/api/v1/comparisons/", {"pair": second.pk, "choice": "left", "next": "soon"}, format="json")
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "next"
+    assert list(Lease.objects.filter(labeler=labeler).values_list("pair_id", flat=True)) == leases
+    assert Comparison.objects.filter(labeler=labeler).count() == 1
 
 
 @pytest.mark.django_db

@@ -118,7 +118,8 @@ def test_fifty_simultaneous_posts_with_different_answers_keep_the_first_and_refu
     assert pair.label_count == 1
 
 
-def test_twenty_labelers_racing_over_overlap_three_never_make_a_fourth_label_or_a_duplicate(figure):
+@pytest.mark.parametrize("one_request", [False, True], ids=["next-then-submit", "submit-with-next"])
+def test_twenty_labelers_racing_over_overlap_three_never_make_a_fourth_label_or_a_duplicate(figure, one_request):
     project = ProjectFactory(labels_per_pair=3)
     pairs = [PairFactory(project=project) for _ in range(15)]
     labelers = [_labeler(project) for _ in range(20)]
@@ -128,16 +129,26 @@ def test_twenty_labelers_racing_over_overlap_three_never_make_a_fourth_label_or_
     def label_until_empty(i: int) -> list[tuple[int, int]]:
         client = _client(labelers[i][1])
         seen: list[tuple[int, int]] = []
+        def offer():
+            response = _next(client, project.slug)
+            return response.status_code, response.json() if response.status_code == 200 else None
+
+        status, offered = offer()
         while True:
-            offered = _next(client, project.slug)
-            seen.append((offered.status_code, 0))
-            if offered.status_code != 200:
+            seen.append((status, 0))
+            if status != 200:
                 return seen
-            pair_id = offered.json()["pair"]
-            submitted = _submit(client, pair_id, answers[(pair_id + i) % len(answers)])
+            pair_id = offered["pair"]
+            answer = {"pair": pair_id, "choice": answers[(pair_id + i) % len(answers)], "next": one_request}
+            submitted = client.post(COMPARISONS, answer, format="json")
             seen.append((submitted.status_code, pair_id))
             if submitted.status_code != 201:
                 return seen
+            if not one_request:
+                status, offered = offer()
+            else:
+                offered = submitted.json()["next"]
+                status = 204 if offered is None else 200
 
     results = _race(len(labelers), label_until_empty)
     assert all(isinstance(r, list) for r in results), [r for r in results if not isinstance(r, list)]
@@ -155,7 +166,8 @@ def test_twenty_labelers_racing_over_overlap_three_never_make_a_fourth_label_or_
         assert pair.label_count == 3 and pair.status == Pair.Status.COMPLETE
     assert not Lease.objects.filter(pair__project=project).exists()
     busiest = Counter(pair_id for seen in results for status, pair_id in seen if status == 201)
-    figure(f"[concurrency] 20 labelers, overlap 3, {len(pairs)} pairs: {statuses[201]} labels stored "
+    mode = "submit with next" if one_request else "next then submit"
+    figure(f"[concurrency] 20 labelers, overlap 3, {len(pairs)} pairs, {mode}: {statuses[201]} labels stored "
           f"(max {max(busiest.values())} per pair), {statuses[200]} pairs offered, 0 fourth labels, 0 duplicates")
 
 
