@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 from labeling import selectors, services
 from labeling.errors import DomainError, Forbidden, NotFound
 from labeling.models import ApiToken, Comparison, Lease, Membership, Pair, Project
+from labeling.serializing import FieldsOnce
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -45,7 +46,7 @@ def _prompt_field() -> serializers.JSONField:
     return serializers.JSONField(help_text="A string, or a list of chat messages with 'role' and 'content'.")
 
 
-class ProjectOutput(serializers.ModelSerializer):
+class ProjectOutput(FieldsOnce, serializers.ModelSerializer):
     class Meta:
         model = Project
         fields = ["id", "name", "slug", "guidelines", "labels_per_pair", "allow_tie", "allow_both_bad",
@@ -63,7 +64,7 @@ class PairOutput(serializers.ModelSerializer):
                   "created_at"]
 
 
-class ComparisonOutput(serializers.ModelSerializer):
+class ComparisonOutput(FieldsOnce, serializers.ModelSerializer):
     labeler = serializers.CharField(source="labeler.username", allow_null=True, default=None)
     shown_choice = serializers.SerializerMethodField(help_text="The choice in the frame the labeler saw.")
 
@@ -220,7 +221,7 @@ class PairCreateApi(APIView):
         return Response(PairOutput(pair).data, status=status.HTTP_201_CREATED)
 
 
-class AssignmentOutput(serializers.Serializer):
+class AssignmentOutput(FieldsOnce, serializers.Serializer):
     """A leased pair as the labeler sees it: `left` and `right` already in the randomized order."""
 
     pair = serializers.IntegerField(source="pair.id")
@@ -271,7 +272,7 @@ class LeaseReleaseApi(APIView):
 
 
 class ComparisonSubmitApi(APIView):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(FieldsOnce, serializers.Serializer):
         pair = serializers.IntegerField(min_value=1)
         choice = serializers.ChoiceField(choices=services.FRAME_CHOICES,
                                          help_text="What the labeler saw: left, right, tie or both_bad.")

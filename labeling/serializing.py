@@ -1,0 +1,54 @@
+"""Serializer fields built once per class instead of once per request.
+
+DRF builds a serializer's fields anew for every instance: a ModelSerializer reads its model's fields and maps each
+to a serializer field, and every declared field is deep-copied, which runs its `__init__` again. On the labeling
+path that cost 0.2 to 0.5 ms per serializer, about a tenth of a request's CPU. `FieldsOnce` builds the fields the
+first time a class is used and gives each instance copies: shallow copies of plain fields, whose configuration
+no longer changes once built (binding to the instance sets the copy's own name, parent and source), with a copy
+of their own of a list's or dict's child field, and deep copies, as DRF makes them, of nested serializers and
+related-field lists.
+
+Only for serializers whose fields depend on the class alone, not on the instance, its context or its data.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from rest_framework import serializers
+
+
+def _clone(field: serializers.Field) -> serializers.Field:
+    # copy.copy without its generic machinery: a new instance with the same attributes, a third of the time.
+    clone = object.__new__(type(field))
+    clone.__dict__.update(field.__dict__)
+    return clone
+
+
+def _copy_field(field: serializers.Field) -> serializers.Field:
+    if isinstance(field, serializers.BaseSerializer) or hasattr(field, "child_relation"):
+        return copy.deepcopy(field)
+    clone = _clone(field)
+    child = getattr(field, "child", None)
+    if child is not None:
+        # A ListField or DictField: a child of its own, with the copy as its parent (its __init__ bound the child
+        # already, so the name and source carry over).
+        clone.child = _copy_field(child)
+        clone.child.parent = clone
+    return clone
+
+
+class FieldsOnce:
+    """Mixin for a Serializer or ModelSerializer (listed first): `get_fields` builds the class's fields once."""
+
+    _field_prototypes: dict[str, serializers.Field] | None = None
+
+    def get_fields(self) -> dict[str, Any]:
+        cls = type(self)
+        # Looked up on the class itself: a subclass has fields of its own and builds them on first use.
+        prototypes = cls.__dict__.get("_field_prototypes")
+        if prototypes is None:
+            # Two threads may both build them the first time; either result is the same, and is never bound.
+            prototypes = super().get_fields()
+            cls._field_prototypes = prototypes
+        return {name: _copy_field(field) for name, field in prototypes.items()}
