@@ -7,11 +7,12 @@ the large project and --small-seconds on the small one (which must not run out o
 does the same for --solo-seconds, which gives the latency without queueing. The small project is the baseline of
 the next-pair latency: the ratio 1M/10k shows whether the queue's cost grows with the project. Last, as the plain
 baseline of the same run, the same clients read the project twice per cycle (the cheapest authenticated requests
-of the API) for --baseline-seconds: the ceiling of this stack on these cores. Then the labelers run paced, together
-at each of --paced-rates cycles/s, each cycle timed from when it was due: the latency below saturation, which the
-closed loop cannot show. The client runs on the same cores
-as the server and the database; its CPU share is printed with the results, as is the CPU that other processes on
-the machine took meanwhile.
+of the API) for --baseline-seconds: the ceiling of this stack on these cores. Then, for --one-request-seconds, the
+labelers post each answer with `next: true`, whose response carries their next pair: one request per label, as the
+labeling page works. Then the labelers run paced (next + submit), together at each of --paced-rates cycles/s, each
+cycle timed from when it was due: the latency below saturation, which the closed loop cannot show. The client runs
+on the same cores as the server and the database; its CPU share is printed with the results, as is the CPU that
+other processes on the machine took meanwhile.
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/preflab_load_bench .venv/bin/python bench/load_labeling.py
 
