@@ -319,8 +319,12 @@ def test_api_returns_stats_to_managers_and_admins(project, manager, admin_user):
         assert sum(bucket["comparisons"] for bucket in body["throughput"]["buckets"]) == 2
         assert body["agreement"]["with_ties"] == {"pairs": 1, "percent_agreement": 0.0, "unanimous_share": 0.0}
         daily = body["agreement"]["daily"]
-        assert len(daily) == stats.AGREEMENT_DAYS and daily[-1]["pairs"] == 1
-        assert daily[-1]["percent_agreement"] == 0.0 and daily[0]["percent_agreement"] is None
+        # The pair counts on the UTC day of its latest label: today, or yesterday for a test that spans midnight.
+        latest = Comparison.objects.filter(pair=pair).latest("created_at").created_at.astimezone(UTC).date()
+        assert len(daily) == stats.AGREEMENT_DAYS and sum(row["pairs"] for row in daily) == 1
+        assert daily[-1]["day"] >= latest.isoformat()
+        day = next(row for row in daily if row["day"] == latest.isoformat())
+        assert day["pairs"] == 1 and day["percent_agreement"] == 0.0 and daily[0]["percent_agreement"] is None
         assert body["gold"]["accuracy"] is None
 
 
