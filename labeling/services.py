@@ -446,9 +446,8 @@ def _submit(*, labeler: AbstractBaseUser, pair_id: int, choice: str, strength: i
             raise
         result = _same_or_conflict(existing=existing, frame_choice=choice, strength=strength, rationale=rationale,
                                    flags=flags)
-        if then_next:
-            with transaction.atomic():
-                lease = _lease_next(project=existing.project, labeler=labeler, rng=rng)
+        return result, (pair_next_for_labeler(project=existing.project, labeler=labeler, rng=rng) if then_next
+                        else None)
     if lease is not None:
         lease = _lease_with_content(lease, project=result.comparison.project)
     return result, lease

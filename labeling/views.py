@@ -45,11 +45,16 @@ def _first_form_error(form: forms.Form) -> tuple[str | None, str]:
     return None, "The form is not valid."
 
 
+# `_label_response` asks the queue itself unless the caller already holds the labeler's next lease (or None).
+_ASK_QUEUE: Any = object()
+
+
 def _label_response(request: HttpRequest, *, project: Project, status: int = 200, error: str | None = None,
                     error_field: str | None = None, notice: str | None = None,
-                    values: dict[str, Any] | None = None) -> HttpResponse:
+                    values: dict[str, Any] | None = None, lease: Any = _ASK_QUEUE) -> HttpResponse:
     """The labeling panel (for htmx) or the whole page, showing the labeler's current or next pair."""
-    lease = services.pair_next_for_labeler(project=project, labeler=request.user)
+    if lease is _ASK_QUEUE:
+        lease = services.pair_next_for_labeler(project=project, labeler=request.user)
     context: dict[str, Any] = {
         "project": project,
         "lease": None,
@@ -126,17 +131,20 @@ class LabelSubmitView(LoginRequiredMixin, View):
                                    error=f"Pair {data['pair']} is not part of {project.name}.")
         # The strength radios stay on screen for every choice; a tie or "both bad" has no winner to weigh.
         strength = data["strength"] if data["choice"] in ("left", "right") else None
+        answer = {"labeler": request.user, "pair_id": data["pair"], "choice": data["choice"], "strength": strength,
+                  "rationale": data["rationale"], "flags": data["flags"], "time_ms": data["time_ms"]}
         try:
-            result = services.comparison_submit(
-                labeler=request.user, pair_id=data["pair"], choice=data["choice"], strength=strength,
-                rationale=data["rationale"], flags=data["flags"], time_ms=data["time_ms"],
-            )
+            if _is_htmx(request):
+                # The panel shows the next pair at once: the answer and the next lease in one transaction.
+                result, lease = services.comparison_submit_and_next(**answer)
+            else:
+                result = services.comparison_submit(**answer)
         except DomainError as exc:
             return _label_response(request, project=project, status=exc.status_code, error=exc.message,
                                    error_field=exc.field, values=data)
         notice = "Saved." if result.created else "This answer was already saved."
         if _is_htmx(request):
-            return _label_response(request, project=project, notice=notice)
+            return _label_response(request, project=project, notice=notice, lease=lease)
         messages.success(request, notice)
         return redirect("labeling:label", slug=project.slug)
 
