@@ -10,7 +10,9 @@ baseline of the same run, the same clients read the project twice per cycle (the
 of the API) for --baseline-seconds: the ceiling of this stack on these cores. Then, for --one-request-seconds, the
 labelers post each answer with `next: true`, whose response carries their next pair: one request per label, as the
 labeling page works. Then the labelers run paced (next + submit), together at each of --paced-rates cycles/s, each
-cycle timed from when it was due: the latency below saturation, which the closed loop cannot show. The client runs
+cycle timed from when it was due: the latency below saturation, which the closed loop cannot show. Last, --rounds
+rounds run next + submit, one request per label and the baseline in turn, --round-seconds each: their ratios come
+from the same minutes, so the drift of a shared machine between the phases above does not skew them. The client runs
 on the same cores as the server and the database; its CPU share is printed with the results, as is the CPU that
 other processes on the machine took meanwhile.
 
@@ -25,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -63,6 +66,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--one-request-seconds", type=float, default=30.0,
                         help="measured seconds of the same labelers on the large project answering with "
                              "`next: true` (the submit returns the next pair: one request per label); 0 skips it")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="last, this many rounds on the large project, each running next + submit, one request "
+                             "per label and the baseline in turn (the order reversed every other round) for "
+                             "--round-seconds each: ratios taken minutes apart drift with the machine, ratios "
+                             "within a round do not; 0 skips them")
+    parser.add_argument("--round-seconds", type=float, default=10.0, help="measured seconds per cycle and round")
     return parser.parse_args()
 
 
@@ -405,6 +414,59 @@ def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = Non
                  ratio <= TARGET_RATIO)
 
 
+ROUND_CYCLES = (("next + submit", "labeling_cycle"), ("one request", "one_request_cycle"),
+                ("baseline", "baseline_cycle"))
+
+
+def run_rounds(*, args: argparse.Namespace, port: int, tokens: list[str], slug: str, server_pid: int,
+               database: str) -> list[dict[str, Row]]:
+    """`args.rounds` rounds of the three cycles in turn on one project, each after a short warm-up."""
+    cycles = {name: globals()[function] for name, function in ROUND_CYCLES}
+    rounds = []
+    for index in range(args.rounds):
+        order = [name for name, _ in ROUND_CYCLES]
+        if index % 2:
+            order.reverse()
+        rows = {}
+        for name in order:
+            meter = _common.CpuMeter(server_pid=server_pid, database=database)
+            results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=slug, warmup=2.0,
+                                             seconds=args.round_seconds, meter=meter, cycle=cycles[name]))
+            rows[name] = Row(pairs=0, seeded_s=0.0, results=results, seconds=args.round_seconds, cpu=cpu,
+                             solo=Results())
+        rounds.append(rows)
+    return rounds
+
+
+def report_rounds(rounds: list[dict[str, Row]]) -> None:
+    """Per round: each cycle's rate and CPU per cycle, and the ratios within the round; then their medians."""
+    print()
+    print(f"rounds: the three cycles in turn on the large project, {len(rounds)} rounds (cycles/s, ms of CPU per "
+          f"cycle; ratios of cycles/s within each round)")
+    names = [name for name, _ in ROUND_CYCLES]
+    print(f"{'round':>5} " + " ".join(f"{name:>22}" for name in names)
+          + f" {'one req / next+sub':>19} {'next+sub / baseline':>20} {'one req / baseline':>19} {'errors':>7}")
+    ratios: dict[str, list[float]] = {"one": [], "next": [], "one_base": []}
+    for index, rows in enumerate(rounds, start=1):
+        rate = {name: rows[name].rate for name in names}
+        one = rate["one request"] / rate["next + submit"] if rate["next + submit"] else float("nan")
+        nxt = rate["next + submit"] / rate["baseline"] if rate["baseline"] else float("nan")
+        one_base = rate["one request"] / rate["baseline"] if rate["baseline"] else float("nan")
+        ratios["one"].append(one)
+        ratios["next"].append(nxt)
+        ratios["one_base"].append(one_base)
+        cells = " ".join(f"{rate[name]:>12.1f} ({rows[name].cpu_ms_per_cycle:>5.1f} ms)" for name in names)
+        errors = sum(row.error_count for row in rows.values())
+        print(f"{index:>5} {cells} {one:>19.2f} {nxt:>20.2f} {one_base:>19.2f} {errors:>7}")
+    for key, label in (("one", "one request / next + submit"), ("next", "next + submit / baseline"),
+                       ("one_base", "one request / baseline")):
+        values = sorted(ratios[key])
+        print(f"median {label}: {statistics.median(values):.2f} (from {values[0]:.2f} to {values[-1]:.2f})")
+    for name in names:
+        rates = sorted(rows[name].rate for rows in rounds)
+        print(f"{name}: median {statistics.median(rates):.1f} cycles/s (from {rates[0]:.1f} to {rates[-1]:.1f})")
+
+
 def main() -> None:
     args = parse_args()
     _common.django_setup()
@@ -463,9 +525,13 @@ def main() -> None:
             results, _ = asyncio.run(drive(port=port, tokens=tokens, slug=projects[-1][0].slug, warmup=args.warmup,
                                            seconds=args.paced_seconds, meter=meter, rate=rate))
             paced.append((rate, results))
+        rounds = run_rounds(args=args, port=port, tokens=tokens, slug=projects[-1][0].slug, server_pid=server.pid,
+                            database=database)
     report(rows, args, baseline, one_request)
     if paced:
         report_paced(paced, args.paced_seconds)
+    if rounds:
+        report_rounds(rounds)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,16 @@ def run_plain_trl_same_pairs(train, evaluation, settings: dict, workdir: Path) -
             "correct": correct}
 
 
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The difference of two runs' accuracies on the same held-out pairs, and its standard error from the
+    per-pair differences (a paired comparison: both runs see the same hard and easy pairs)."""
+    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return mean, (variance / n) ** 0.5
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
@@ -270,6 +280,12 @@ def main() -> None:
     if recipe and defaults:
         print(f"held-out accuracy: preflab's defaults {recipe['accuracy']:.3f} vs TRL's {defaults['accuracy']:.3f} "
               f"(wall {recipe['seconds']:.0f} vs {defaults['seconds']:.0f} s)")
+    for key in ("plain", "same", "defaults"):
+        if recipe and key in results:
+            diff, se = paired_difference(recipe["correct"], results[key]["correct"])
+            print(f"paired: preflab - {names[key]} = {100 * diff:+.1f} points (standard error {100 * se:.1f}, "
+                  f"95% interval {100 * (diff - 1.96 * se):+.1f} to {100 * (diff + 1.96 * se):+.1f}) on the same "
+                  f"{len(evaluation)} pairs")
 
 if __name__ == "__main__":
     main()
