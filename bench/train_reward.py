@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -20,6 +21,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=400, help="Use the first N usable pairs.")
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None,
+                        help="Several seeds, comma-separated (overrides --seed): each seed's split and runs in "
+                             "turn, then the mean accuracy of each run and the mean paired difference over them.")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -31,6 +35,12 @@ def parse_args() -> argparse.Namespace:
                              "1e-4, so about three times as long).")
     args = parser.parse_args()
     args.runs = {name.strip() for name in args.runs.split(",") if name.strip()}
+    try:
+        args.seeds = [int(value) for value in args.seeds.split(",") if value.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        parser.error("--seeds takes whole numbers, comma-separated")
+    if not args.seeds:
+        parser.error("--seeds needs at least one seed")
     if not args.runs or args.runs - {"service", "plain", "same", "defaults"}:
         parser.error("--runs takes service, plain, same and/or defaults")
     return args
@@ -42,7 +52,7 @@ def hh_text(prompt) -> str:
     return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt) + "\n\nAssistant:"
 
 
-def run_service(train, evaluation, settings: dict, args: argparse.Namespace, workdir: Path) -> dict:
+def run_service(train, evaluation, settings: dict, args: argparse.Namespace, workdir: Path, seed: int) -> dict:
     """The service's own path: the pairs imported into a project, a training run submitted and executed by
     the same service the Celery worker calls, then the artifact scored on the bench's held-out pairs."""
     import json
@@ -62,12 +72,12 @@ def run_service(train, evaluation, settings: dict, args: argparse.Namespace, wor
             row = {"prompt": example.prompt, "chosen": [{"role": "assistant", "content": example.chosen}],
                    "rejected": [{"role": "assistant", "content": example.rejected}]}
             out.write(json.dumps(row) + "\n")
-    project = project_create(name="bench", slug=f"bench-{int(time.time())}")
+    project = project_create(name="bench", slug=f"bench-{int(time.time())}-{seed}")
     with source.open("rb") as stream:
         report = preferences_import(project=project, stream=stream, format="trl")
     started = time.perf_counter()
     run = services.training_run_start(project=project, kind="reward", hyperparameters=settings,
-                                      eval_fraction=args.eval_fraction, seed=args.seed, queue=False)
+                                      eval_fraction=args.eval_fraction, seed=seed, queue=False)
     run = services.training_run_execute(run_id=run.pk)
     seconds = time.perf_counter() - started
     if run.status != "succeeded":
@@ -213,35 +223,28 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return mean, (variance / n) ** 0.5
 
 
-def main() -> None:
-    args = parse_args()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    scratch_dir = Path(tempfile.mkdtemp(prefix="bench-reward-"))
-    # A scratch SQLite database and artifact folder, unless DATABASE_URL points elsewhere.
-    os.environ.setdefault("PREFLAB_VAR_DIR", str(scratch_dir / "var"))
-    (scratch_dir / "var").mkdir()
-    import django
+NAMES = {"service": "preflab service", "plain": "plain TRL", "same": "plain, same", "defaults": "TRL defaults"}
 
-    django.setup()
-    from rewards.training.data import read_preference_file, split_by_prompt
 
-    with args.data.open("rb") as stream:
-        examples, errors = read_preference_file(stream, file_format="hh", limit=args.limit)
-    train, evaluation = split_by_prompt(examples, eval_fraction=args.eval_fraction, seed=args.seed)
+def run_seed(args: argparse.Namespace, examples: list, seed: int, scratch_dir: Path) -> dict:
+    """One seed's split, the chosen runs on it, and their report; returns the runs' results."""
+    from rewards.training.data import split_by_prompt
+
+    train, evaluation = split_by_prompt(examples, eval_fraction=args.eval_fraction, seed=seed)
     settings = {"max_length": args.max_length, "num_train_epochs": args.epochs,
-                "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
-                "seed": args.seed}
-    print(f"data: {args.data} | pairs {len(examples)} (bad lines {len(errors)}) | train {len(train)} | "
-          f"eval {len(evaluation)} | max_length {args.max_length} | epochs {args.epochs} | batch {args.batch_size}")
-
-    runners = {"service": lambda: run_service(train, evaluation, settings, args, scratch_dir),
-               "plain": lambda: run_plain_trl(train, evaluation, settings, scratch_dir),
-               "same": lambda: run_plain_trl_same_pairs(train, evaluation, settings, scratch_dir),
-               "defaults": lambda: run_plain_trl(train, evaluation, settings, scratch_dir, trl_defaults=True)}
+                "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": seed}
+    print(f"seed {seed} | train {len(train)} | eval {len(evaluation)} | max_length {args.max_length} | "
+          f"epochs {args.epochs} | batch {args.batch_size}")
+    workdir = scratch_dir / f"seed-{seed}"
+    workdir.mkdir()
+    runners = {"service": lambda: run_service(train, evaluation, settings, args, workdir, seed),
+               "plain": lambda: run_plain_trl(train, evaluation, settings, workdir),
+               "same": lambda: run_plain_trl_same_pairs(train, evaluation, settings, workdir),
+               "defaults": lambda: run_plain_trl(train, evaluation, settings, workdir, trl_defaults=True)}
     try:
         results = {name: run() for name, run in runners.items() if name in args.runs}
     finally:
-        shutil.rmtree(scratch_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     recipe, plain, same, defaults = (results.get(name) for name in ("service", "plain", "same", "defaults"))
     if recipe and recipe["service_eval_pairs"] != len(evaluation):
         print(f"note: the service held out {recipe['service_eval_pairs']} pairs, the bench {len(evaluation)}")
@@ -255,18 +258,17 @@ def main() -> None:
 
     print(f"{'run':<16}{'wall s':>7}{'train s':>9}{'s/pair':>8}{'train pairs used':>18}{'shortened':>11}"
           f"{'eval acc':>10}{'fits':>7}{'longer':>8}")
-    names = {"service": "preflab service", "plain": "plain TRL", "same": "plain, same", "defaults": "TRL defaults"}
     for key, row in results.items():
         per_pair = row["train_runtime"] / max(row["train_pairs_used"], 1)
         accuracy = "-" if row["accuracy"] != row["accuracy"] else f"{row['accuracy']:.3f}"
-        print(f"{names[key]:<16}{row['seconds']:>7.1f}{row['train_runtime']:>9.1f}{per_pair:>8.3f}"
+        print(f"{NAMES[key]:<16}{row['seconds']:>7.1f}{row['train_runtime']:>9.1f}{per_pair:>8.3f}"
               f"{row['train_pairs_used']:>11} / {len(train):<4}{row['shortened']:>11}{accuracy:>10}"
               f"{split(row['correct'], False):>7}{split(row['correct'], True):>8}")
     print(f"fits / longer: held-out accuracy on the {len(evaluation) - n_long} pairs that fit in {args.max_length} "
           f"tokens and on the {n_long} that do not")
     for key, row in results.items():
         if row.get("ties"):
-            print(f"{names[key]}: {row['ties']} held-out pairs cut to the same text on both sides, each counted as "
+            print(f"{NAMES[key]}: {row['ties']} held-out pairs cut to the same text on both sides, each counted as "
                   "half right (a coin flip)")
     if recipe and same:
         print("'plain, same' trains plain TRL on the token ids the service trains on (every pair kept, prompts cut "
@@ -283,9 +285,54 @@ def main() -> None:
     for key in ("plain", "same", "defaults"):
         if recipe and key in results:
             diff, se = paired_difference(recipe["correct"], results[key]["correct"])
-            print(f"paired: preflab - {names[key]} = {100 * diff:+.1f} points (standard error {100 * se:.1f}, "
+            print(f"paired: preflab - {NAMES[key]} = {100 * diff:+.1f} points (standard error {100 * se:.1f}, "
                   f"95% interval {100 * (diff - 1.96 * se):+.1f} to {100 * (diff + 1.96 * se):+.1f}) on the same "
                   f"{len(evaluation)} pairs")
+    print()
+    return results
+
+
+def report_seeds(per_seed: dict[int, dict]) -> None:
+    """Across seeds: each run's mean accuracy, and the mean of the recipe's per-seed differences against each
+    plain run with the standard error of that mean (the seeds' splits overlap, so it is a rough one)."""
+    seeds = list(per_seed)
+    print(f"over seeds {', '.join(map(str, seeds))}:")
+    for key in NAMES:
+        accuracies = [per_seed[seed][key]["accuracy"] for seed in seeds if key in per_seed[seed]]
+        if accuracies:
+            print(f"  {NAMES[key]:<16} mean accuracy {statistics.mean(accuracies):.3f} "
+                  f"({' / '.join(f'{value:.3f}' for value in accuracies)})")
+    for key in ("plain", "same", "defaults"):
+        diffs = [per_seed[seed]["service"]["accuracy"] - per_seed[seed][key]["accuracy"] for seed in seeds
+                 if "service" in per_seed[seed] and key in per_seed[seed]]
+        if len(diffs) > 1:
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5
+            print(f"  preflab - {NAMES[key]}: mean {100 * statistics.mean(diffs):+.1f} points over {len(diffs)} "
+                  f"seeds (standard error {100 * se:.1f})")
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    scratch_dir = Path(tempfile.mkdtemp(prefix="bench-reward-"))
+    # A scratch SQLite database and artifact folder, unless DATABASE_URL points elsewhere.
+    os.environ.setdefault("PREFLAB_VAR_DIR", str(scratch_dir / "var"))
+    (scratch_dir / "var").mkdir()
+    import django
+
+    django.setup()
+    from rewards.training.data import read_preference_file
+
+    with args.data.open("rb") as stream:
+        examples, errors = read_preference_file(stream, file_format="hh", limit=args.limit)
+    print(f"data: {args.data} | pairs {len(examples)} (bad lines {len(errors)})")
+    try:
+        per_seed = {seed: run_seed(args, examples, seed, scratch_dir) for seed in args.seeds}
+    finally:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+    if len(per_seed) > 1:
+        report_seeds(per_seed)
+
 
 if __name__ == "__main__":
     main()
