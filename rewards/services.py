@@ -345,6 +345,17 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
     return run
 
 
+def _no_eval_message(run: TrainingRun) -> str:
+    """Why a run has no held-out pairs, said in its log so that empty evaluation metrics are not a puzzle."""
+    if run.eval_fraction == 0:
+        return ("no pairs held out (eval_fraction is 0): the run trains on all "
+                f"{run.train_count} pairs and reports no held-out metrics")
+    # split_by_prompt holds out at least one prompt whenever there are two, so this is a single prompt.
+    pairs = "the one pair has" if run.pair_count == 1 else f"all {run.pair_count} pairs share"
+    return (f"no pairs held out: the split is by prompt, and {pairs} a single prompt, which stays in training; the "
+            "run reports no held-out metrics (pairs on other prompts give it some)")
+
+
 def _attempt_prepare(*, run: TrainingRun, output_dir: Path,
                      checkpoint_dir: Path) -> tuple[Path | None, list[dict[str, Any]], list[str]]:
     """The checkpoint this attempt resumes from (None: from the start), and the metrics history and log lines
@@ -357,6 +368,12 @@ def _attempt_prepare(*, run: TrainingRun, output_dir: Path,
     if run.attempts <= 1:
         # Checkpoints under a new run's id can only be another database's (one reset under the same folder).
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if run.eval_count == 0:
+            message = _no_eval_message(run)
+            log_lines.append(message)
+            logger.info("training run %s: %s", run.pk, message)
+            TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=run.attempts).update(
+                log_tail="\n".join(log_lines[-LOG_TAIL_LINES:]))
         return None, history, log_lines
     checkpoint = latest_checkpoint(checkpoint_dir)
     if checkpoint_dir.is_dir():
