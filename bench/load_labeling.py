@@ -414,28 +414,31 @@ def report(rows: list[Row], args: argparse.Namespace, baseline: Row | None = Non
                  ratio <= TARGET_RATIO)
 
 
-ROUND_CYCLES = (("next + submit", "labeling_cycle"), ("one request", "one_request_cycle"),
-                ("baseline", "baseline_cycle"))
+def closed_loop_row(*, cycle, port: int, tokens: list[str], slug: str, server_pid: int, database: str,
+                    warmup: float, seconds: float, pairs: int = 0) -> Row:
+    """Every labeler running `cycle` in a closed loop for `seconds` after `warmup`, with the CPU it cost."""
+    meter = _common.CpuMeter(server_pid=server_pid, database=database)
+    results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=slug, warmup=warmup, seconds=seconds,
+                                     meter=meter, cycle=cycle))
+    return Row(pairs=pairs, seeded_s=0.0, results=results, seconds=seconds, cpu=cpu, solo=Results())
+
+
+ROUND_CYCLES = (("next + submit", labeling_cycle), ("one request", one_request_cycle), ("baseline", baseline_cycle))
 
 
 def run_rounds(*, args: argparse.Namespace, port: int, tokens: list[str], slug: str, server_pid: int,
                database: str) -> list[dict[str, Row]]:
     """`args.rounds` rounds of the three cycles in turn on one project, each after a short warm-up."""
-    cycles = {name: globals()[function] for name, function in ROUND_CYCLES}
     rounds = []
     for index in range(args.rounds):
-        order = [name for name, _ in ROUND_CYCLES]
-        if index % 2:
-            order.reverse()
-        rows = {}
-        for name in order:
-            meter = _common.CpuMeter(server_pid=server_pid, database=database)
-            results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=slug, warmup=2.0,
-                                             seconds=args.round_seconds, meter=meter, cycle=cycles[name]))
-            rows[name] = Row(pairs=0, seeded_s=0.0, results=results, seconds=args.round_seconds, cpu=cpu,
-                             solo=Results())
-        rounds.append(rows)
+        order = ROUND_CYCLES[::-1] if index % 2 else ROUND_CYCLES
+        rounds.append({name: closed_loop_row(cycle=cycle, port=port, tokens=tokens, slug=slug, server_pid=server_pid,
+                                             database=database, warmup=2.0, seconds=args.round_seconds)
+                       for name, cycle in order})
     return rounds
+
+
+ROUND_RATIOS = (("one request", "next + submit"), ("next + submit", "baseline"), ("one request", "baseline"))
 
 
 def report_rounds(rounds: list[dict[str, Row]]) -> None:
@@ -445,23 +448,19 @@ def report_rounds(rounds: list[dict[str, Row]]) -> None:
           f"cycle; ratios of cycles/s within each round)")
     names = [name for name, _ in ROUND_CYCLES]
     print(f"{'round':>5} " + " ".join(f"{name:>22}" for name in names)
-          + f" {'one req / next+sub':>19} {'next+sub / baseline':>20} {'one req / baseline':>19} {'errors':>7}")
-    ratios: dict[str, list[float]] = {"one": [], "next": [], "one_base": []}
+          + "".join(f" {f'{top} / {bottom}':>28}" for top, bottom in ROUND_RATIOS) + f" {'errors':>7}")
+    ratios: dict[tuple[str, str], list[float]] = {pair: [] for pair in ROUND_RATIOS}
     for index, rows in enumerate(rounds, start=1):
-        rate = {name: rows[name].rate for name in names}
-        one = rate["one request"] / rate["next + submit"] if rate["next + submit"] else float("nan")
-        nxt = rate["next + submit"] / rate["baseline"] if rate["baseline"] else float("nan")
-        one_base = rate["one request"] / rate["baseline"] if rate["baseline"] else float("nan")
-        ratios["one"].append(one)
-        ratios["next"].append(nxt)
-        ratios["one_base"].append(one_base)
-        cells = " ".join(f"{rate[name]:>12.1f} ({rows[name].cpu_ms_per_cycle:>5.1f} ms)" for name in names)
+        for top, bottom in ROUND_RATIOS:
+            below = rows[bottom].rate
+            ratios[top, bottom].append(rows[top].rate / below if below else float("nan"))
+        cells = " ".join(f"{rows[name].rate:>12.1f} ({rows[name].cpu_ms_per_cycle:>5.1f} ms)" for name in names)
         errors = sum(row.error_count for row in rows.values())
-        print(f"{index:>5} {cells} {one:>19.2f} {nxt:>20.2f} {one_base:>19.2f} {errors:>7}")
-    for key, label in (("one", "one request / next + submit"), ("next", "next + submit / baseline"),
-                       ("one_base", "one request / baseline")):
-        values = sorted(ratios[key])
-        print(f"median {label}: {statistics.median(values):.2f} (from {values[0]:.2f} to {values[-1]:.2f})")
+        print(f"{index:>5} {cells}" + "".join(f" {ratios[pair][-1]:>28.2f}" for pair in ROUND_RATIOS)
+              + f" {errors:>7}")
+    for (top, bottom), values in ratios.items():
+        values = sorted(values)
+        print(f"median {top} / {bottom}: {statistics.median(values):.2f} (from {values[0]:.2f} to {values[-1]:.2f})")
     for name in names:
         rates = sorted(rows[name].rate for rows in rounds)
         print(f"{name}: median {statistics.median(rates):.1f} cycles/s (from {rates[0]:.1f} to {rates[-1]:.1f})")
@@ -502,23 +501,13 @@ def main() -> None:
                                         seconds=args.solo_seconds, meter=meter))
             rows.append(Row(pairs=size, seeded_s=seeded_s, results=results, seconds=seconds, cpu=cpu,
                             solo=solo))
-        baseline = None
-        if args.baseline_seconds > 0:
-            project = projects[-1][0]
-            meter = _common.CpuMeter(server_pid=server.pid, database=database)
-            results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=project.slug, warmup=args.warmup,
-                                             seconds=args.baseline_seconds, meter=meter, cycle=baseline_cycle))
-            baseline = Row(pairs=0, seeded_s=0.0, results=results, seconds=args.baseline_seconds, cpu=cpu,
-                           solo=Results())
-        one_request = None
-        if args.one_request_seconds > 0:
-            project, size, _ = projects[-1]
-            meter = _common.CpuMeter(server_pid=server.pid, database=database)
-            results, cpu = asyncio.run(drive(port=port, tokens=tokens, slug=project.slug, warmup=args.warmup,
-                                             seconds=args.one_request_seconds, meter=meter,
-                                             cycle=one_request_cycle))
-            one_request = Row(pairs=size, seeded_s=0.0, results=results, seconds=args.one_request_seconds, cpu=cpu,
-                              solo=Results())
+        large, large_size, _ = projects[-1]
+        on_large = {"port": port, "tokens": tokens, "slug": large.slug, "server_pid": server.pid,
+                    "database": database, "warmup": args.warmup}
+        baseline = (closed_loop_row(cycle=baseline_cycle, seconds=args.baseline_seconds, **on_large)
+                    if args.baseline_seconds > 0 else None)
+        one_request = (closed_loop_row(cycle=one_request_cycle, seconds=args.one_request_seconds, pairs=large_size,
+                                       **on_large) if args.one_request_seconds > 0 else None)
         paced = []
         for rate in [float(value) for value in args.paced_rates.split(",") if value.strip()]:
             meter = _common.CpuMeter(server_pid=server.pid, database=database)

@@ -276,7 +276,7 @@ def run_seed(args: argparse.Namespace, examples: list, seed: int, scratch_dir: P
         print(f"overhead, equal work: wall preflab / plain-same {recipe['seconds'] / same['seconds']:.3f}, "
               f"training loop {recipe['train_runtime'] / same['train_runtime']:.3f} (target <= 1.05)")
     if recipe and plain:
-        print(f"wall-time ratio preflab / plain TRL with its defaults: {recipe['seconds'] / plain['seconds']:.2f}")
+        print(f"wall-time ratio preflab / plain TRL, same settings: {recipe['seconds'] / plain['seconds']:.2f}")
         print(f"held-out accuracy: preflab {recipe['accuracy']:.3f} vs plain TRL {plain['accuracy']:.3f} "
               f"on the same {len(evaluation)} pairs and settings")
     if recipe and defaults:

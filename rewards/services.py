@@ -361,19 +361,13 @@ def _attempt_prepare(*, run: TrainingRun, output_dir: Path,
     """The checkpoint this attempt resumes from (None: from the start), and the metrics history and log lines
     it carries on with. A later attempt drops what the lost one left half-written (a checkpoint cut off while
     being saved, a partial artifact) and the logs of the steps it will train again."""
-    from rewards.progress import LOG_TAIL_LINES
-
     history = [dict(entry) for entry in run.metrics_history or [] if isinstance(entry, dict)]
     log_lines = run.log_tail.splitlines() if run.log_tail else []
     if run.attempts <= 1:
         # Checkpoints under a new run's id can only be another database's (one reset under the same folder).
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         if run.eval_count == 0:
-            message = _no_eval_message(run)
-            log_lines.append(message)
-            logger.info("training run %s: %s", run.pk, message)
-            TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=run.attempts).update(
-                log_tail="\n".join(log_lines[-LOG_TAIL_LINES:]))
+            _attempt_log(run, log_lines, _no_eval_message(run))
         return None, history, log_lines
     checkpoint = latest_checkpoint(checkpoint_dir)
     if checkpoint_dir.is_dir():
@@ -392,11 +386,19 @@ def _attempt_prepare(*, run: TrainingRun, output_dir: Path,
         message = f"attempt {run.attempts}: resumed from step {step} after worker lost ({checkpoint.name})"
         history = [entry for entry in history if "event" in entry or _logged_step(entry) <= step]
         history.append({"step": step, "event": "resumed", "attempt": run.attempts, "message": message})
-    log_lines.append(message)
-    logger.warning("training run %s: %s", run.pk, message)
-    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=run.attempts).update(
-        step=step, metrics_history=history, log_tail="\n".join(log_lines[-LOG_TAIL_LINES:]))
+    _attempt_log(run, log_lines, message, level=logging.WARNING, step=step, metrics_history=history)
     return checkpoint, history, log_lines
+
+
+def _attempt_log(run: TrainingRun, log_lines: list[str], message: str, *, level: int = logging.INFO,
+                 **fields: Any) -> None:
+    """Add `message` to the run's log (and the process log), written with `fields` while this attempt owns it."""
+    from rewards.progress import LOG_TAIL_LINES
+
+    log_lines.append(message)
+    logger.log(level, "training run %s: %s", run.pk, message)
+    TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=run.attempts).update(
+        log_tail="\n".join(log_lines[-LOG_TAIL_LINES:]), **fields)
 
 
 def _logged_step(entry: dict[str, Any]) -> float:

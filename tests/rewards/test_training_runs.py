@@ -398,37 +398,27 @@ def test_train_command_with_wait_trains_in_the_foreground(project, tmp_path, set
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize(("count", "eval_fraction", "reason"), [
-    (2, 0.0, "no pairs held out (eval_fraction is 0): the run trains on all 2 pairs"),
-    (1, 0.2, "no pairs held out: the split is by prompt, and the one pair has a single prompt"),
+@pytest.mark.parametrize(("count", "eval_fraction", "held_out", "reason"), [
+    (2, 0.0, 0, "no pairs held out (eval_fraction is 0): the run trains on all 2 pairs"),
+    (1, 0.2, 0, "no pairs held out: the split is by prompt, and the one pair has a single prompt"),
+    (4, 0.25, 1, None),
 ])
-def test_a_run_with_nothing_held_out_says_why_in_its_log(project, tmp_path, settings, count, eval_fraction, reason):
+def test_a_run_with_nothing_held_out_says_why_in_its_log(project, tmp_path, settings, count, eval_fraction, held_out,
+                                                          reason):
     from tests.rewards.tiny import tiny_reward_model
 
     settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
     labeled_pairs(project, count=count)
     run = services.training_run_start(project=project, kind="reward", base_model=str(tiny_reward_model(tmp_path)),
                                       hyperparameters=TINY, eval_fraction=eval_fraction, queue=False)
-    assert (run.train_count, run.eval_count) == (count, 0)
+    assert (run.train_count, run.eval_count) == (count - held_out, held_out)
     run = services.training_run_execute(run_id=run.pk)
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error
-    assert reason in run.log_tail
-    assert run.eval_metrics["eval_pairs"] == 0 and run.eval_metrics["eval_accuracy"] is None
-
-
-@pytest.mark.django_db
-def test_a_run_with_pairs_held_out_says_nothing_of_it(project, tmp_path, settings):
-    from tests.rewards.tiny import tiny_reward_model
-
-    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
-    labeled_pairs(project, count=4)
-    run = services.training_run_start(project=project, kind="reward", base_model=str(tiny_reward_model(tmp_path)),
-                                      hyperparameters=TINY, eval_fraction=0.25, queue=False)
-    assert run.eval_count == 1
-    run = services.training_run_execute(run_id=run.pk)
-    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
-    assert "no pairs held out" not in run.log_tail
-    assert run.eval_metrics["eval_pairs"] == 1
+    assert run.eval_metrics["eval_pairs"] == held_out
+    if reason is None:
+        assert "no pairs held out" not in run.log_tail
+    else:
+        assert reason in run.log_tail and run.eval_metrics["eval_accuracy"] is None
 
 
 @pytest.mark.django_db
