@@ -348,8 +348,8 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
 def _no_eval_message(run: TrainingRun) -> str:
     """Why a run has no held-out pairs, said in its log so that empty evaluation metrics are not a puzzle."""
     if run.eval_fraction == 0:
-        return ("no pairs held out (eval_fraction is 0): the run trains on all "
-                f"{run.train_count} pairs and reports no held-out metrics")
+        pairs = "its one pair" if run.train_count == 1 else f"all {run.train_count} pairs"
+        return f"no pairs held out (eval_fraction is 0): the run trains on {pairs} and reports no held-out metrics"
     # split_by_prompt holds out at least one prompt whenever there are two, so this is a single prompt.
     pairs = "the one pair has" if run.pair_count == 1 else f"all {run.pair_count} pairs share"
     return (f"no pairs held out: the split is by prompt, and {pairs} a single prompt, which stays in training; the "
