@@ -150,18 +150,39 @@ def test_a_labelers_own_expired_lease_is_renewed_in_place_when_the_slot_is_still
     assert result.created and result.comparison.swapped == again.swapped
 
 
+class _Draw(random.Random):
+    """An rng whose draw is fixed: the gold rate decides on `random()` alone."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
 @pytest.mark.django_db
-def test_gold_pairs_are_served_at_the_gold_rate(db):
+@pytest.mark.parametrize(("rate", "draw", "gets_gold"), [
+    (1.0, 0.99, True), (0.5, 0.49, True), (0.5, 0.51, False), (0.0, 0.0, False)])
+def test_gold_pairs_are_served_at_the_gold_rate(db, rate, draw, gets_gold):
+    # The gold pair has the lower priority: only the rate's draw can put it first.
+    project = ProjectFactory(gold_rate=rate)
+    plain = PairFactory(project=project, priority=10)
+    gold = PairFactory(project=project, gold_choice="a")
+    lease = services.pair_next_for_labeler(project=project, labeler=_member(project), rng=_Draw(draw))
+    assert lease.pair_id == (gold.pk if gets_gold else plain.pk)
+
+
+@pytest.mark.django_db
+def test_a_labeler_is_not_served_a_gold_pair_twice(db):
     project = ProjectFactory(gold_rate=1.0)
-    PairFactory(project=project, priority=10)
+    plain = PairFactory(project=project)
     gold = PairFactory(project=project, gold_choice="a")
     labeler = _member(project)
-    lease = services.pair_next_for_labeler(project=project, labeler=labeler, rng=random.Random(0))
-    assert lease.pair_id == gold.pk
-    project.gold_rate = 0.0
-    project.save()
+    assert services.pair_next_for_labeler(project=project, labeler=labeler, rng=_Draw(0.0)).pair_id == gold.pk
     services.comparison_submit(labeler=labeler, pair_id=gold.pk, choice="tie")
-    assert services.pair_next_for_labeler(project=project, labeler=labeler).pair_id != gold.pk
+    # The draw still asks for gold; with none left for this labeler the queue serves an open pair.
+    assert services.pair_next_for_labeler(project=project, labeler=labeler, rng=_Draw(0.0)).pair_id == plain.pk
 
 
 @pytest.mark.django_db

@@ -8,9 +8,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rewards.scoring import RewardScorer
 from rewards.training.common import HyperparameterError
 from rewards.training.data import PreferenceExample
-from rewards.training.dpo import DPO_DEFAULTS, fit_conversation, train_dpo, validate_dpo_hyperparameters
+from rewards.training.dpo import (
+    DPO_DEFAULTS,
+    fit_conversation,
+    generate_greedy,
+    train_dpo,
+    validate_dpo_hyperparameters,
+)
 from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model
 
 FAST = {"learning_rate": 1e-3, "max_steps": 3, "warmup_steps": 0, "max_length": 64, "max_new_tokens": 6}
@@ -67,8 +74,21 @@ def test_dpo_trains_judges_and_saves_a_loadable_policy(models, tmp_path):
     assert result.extra["conversational"] is True
     assert 0.0 <= result.metrics["eval_rewards/accuracies"] <= 1.0
     assert "eval_rewards/margins" in result.metrics
-    assert 0.0 <= result.metrics["win_rate_vs_base"] <= 1.0
     assert result.metrics["judged_prompts"] == 3
+    # The judge's verdict, recomputed: the greedy answers of the base and of the saved policy on the held-out
+    # prompts, each scored by the reward model; a win is a higher score, a tie counts half.
+    prompts = [example.prompt for example in chat_pairs(3, offset=10)]
+    judge = RewardScorer.load(judge_path)
+    scores = {}
+    for side, folder in (("base", lm_path), ("trained", result.artifact)):
+        policy = AutoModelForCausalLM.from_pretrained(folder)
+        answers = generate_greedy(policy, AutoTokenizer.from_pretrained(folder), prompts,
+                                  max_new_tokens=FAST["max_new_tokens"])
+        scores[side] = [judge.score(prompt, [answer])[0] for prompt, answer in zip(prompts, answers, strict=True)]
+    wins = [1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(scores["trained"], scores["base"], strict=True)]
+    assert result.metrics["win_rate_vs_base"] == pytest.approx(sum(wins) / 3)
+    for side in ("base", "trained"):
+        assert result.metrics[f"judge_reward_{side}"] == pytest.approx(sum(scores[side]) / 3, rel=1e-4, abs=1e-5)
     assert parameters_changed(lm_path, result.artifact)
     assert_generates(result.artifact)
 

@@ -174,7 +174,7 @@ def test_permissions(project, policy, deployed, key_client):
     other_project = ProjectFactory()
     assert _post(key_client, other_project, policy).status_code == 403
     assert APIClient().post(URL, {"project": project.slug, "prompt": PROMPT}, format="json").status_code in (401, 403)
-    assert _post(client_for(UserFactory()), project, policy, rerank=False).status_code in (403, 404)
+    assert _post(client_for(UserFactory()), project, policy, rerank=False).status_code == 404
     member = UserFactory()
     Membership.objects.create(project=project, user=member, role=Membership.Role.LABELER)
     assert _post(client_for(member), project, policy, rerank=False, n=1).status_code == 200

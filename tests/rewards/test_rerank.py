@@ -325,7 +325,8 @@ def test_deploying_a_new_version_is_served_without_restart(project, rerank_clien
 
 @pytest.mark.django_db
 def test_the_pool_loads_once_and_evicts_the_least_recently_used(settings, model_dirs):
-    settings.PREFLAB = {**settings.PREFLAB, "RERANK_MODEL_CACHE_SIZE": 1}
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_MODEL_CACHE_SIZE": 2}
+    serving.pool.clear()
     loads_before = serving.pool.loads
     threads = [threading.Thread(target=serving.pool.get,
                                 kwargs={"reward_model_id": 1, "artifact_path": str(model_dirs[0])})
@@ -336,7 +337,11 @@ def test_the_pool_loads_once_and_evicts_the_least_recently_used(settings, model_
         thread.join()
     assert serving.pool.loads - loads_before == 1 and serving.pool.loaded_ids() == [1]
     serving.pool.get(reward_model_id=2, artifact_path=str(model_dirs[1]))
-    assert serving.pool.loaded_ids() == [2]
+    # Using 1 again makes 2 the least recently used: the third model evicts 2, though 1 was loaded first.
+    first = serving.pool.get(reward_model_id=1, artifact_path=str(model_dirs[0]))
+    serving.pool.get(reward_model_id=3, artifact_path=str(model_dirs[0]))
+    assert serving.pool.loaded_ids() == [1, 3] and serving.pool.loads - loads_before == 3
+    assert serving.pool.get(reward_model_id=1, artifact_path=str(model_dirs[0])) is first
 
 
 def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_scores(settings, model_dirs):

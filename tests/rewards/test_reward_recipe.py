@@ -202,6 +202,8 @@ def test_causal_lm_backbone_trains_with_its_chat_template(tmp_path):
 
     assert result.shortened_pairs == 4
     assert any("loss" in entry for entry in result.history)
+    # The base has no score head (loaded here, it gets a random one): the transformer's own weights must move.
+    assert any(name.startswith("model.layers.") for name in changed_tensors(base, result.artifact))
     manifest = json.loads((result.artifact / "preflab.json").read_text())
     assert manifest["format"]["template"] == "chat"
     scorer = RewardScorer.load(result.artifact, device="cpu")
