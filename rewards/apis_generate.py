@@ -29,8 +29,11 @@ class GenerateApi(APIView):
         top_k = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0)
         top_p = serializers.FloatField(required=False, allow_null=True, default=None, min_value=0.0, max_value=1.0)
         max_new_tokens = serializers.IntegerField(required=False, default=128, min_value=1, max_value=MAX_NEW_TOKENS)
-        seed = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0,
-                                        max_value=2**63 - 1, help_text="Makes sampling reproducible.")
+        seed = serializers.IntegerField(
+            required=False, allow_null=True, default=None, min_value=0, max_value=2**63 - 1,
+            help_text="The seed of sampling. Without one, the seed is derived from the request (prompt, policy and "
+                      "every sampling setting), so the same request gives the same candidates; send seeds of your "
+                      "own for other samples.")
         stop = serializers.ListField(child=serializers.CharField(trim_whitespace=False), required=False,
                                      allow_null=True, default=None, max_length=8,
                                      help_text="Each candidate is cut before the first of these strings.")
@@ -57,6 +60,9 @@ class GenerateApi(APIView):
         best_index = serializers.IntegerField(required=False, allow_null=True)
         timing_ms = serializers.FloatField()
         tokens_generated = serializers.IntegerField()
+        seed = serializers.IntegerField(allow_null=True,
+                                        help_text="The seed sampled with (the request's or the derived one); null "
+                                                  "when decoding was greedy (temperature 0).")
 
     @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
     def post(self, request):

@@ -1,6 +1,8 @@
 """Sampling N candidates from a policy in one batched generate call, then best-of-N reranking them."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -186,6 +188,16 @@ def _prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
+def request_seed(*, policy_key: str, messages: Messages, n: int, temperature: float, top_k: int | None,
+                 top_p: float | None, max_new_tokens: int, stop: list[str] | None) -> int:
+    """The seed of a sampling request that names none: a hash of everything that shapes its candidates, so the same
+    request to the same policy version gives the same candidates (and, through the rerank cache, the same answer),
+    and a client that wants other samples sends a seed of its own."""
+    shape = json.dumps([policy_key, messages, n, temperature, top_k, top_p, max_new_tokens, stop],
+                       ensure_ascii=False, separators=(",", ":"))
+    return int.from_bytes(hashlib.sha256(shape.encode()).digest()[:8], "big") >> 1
+
+
 def sample_candidates(loaded: LoadedPolicy, *, messages: Messages, n: int, temperature: float, top_k: int | None,
                       top_p: float | None, max_new_tokens: int, seed: int | None,
                       stop: list[str] | None) -> tuple[list[str], int]:
@@ -226,7 +238,10 @@ def generate(*, project: Any, prompt: str | Messages, n: int = 4, temperature: f
     """Sample `n` candidates from a policy and, with `rerank`, rank them with the project's deployed reward model
     through the same path as /rerank/ (cache, constraints order, sampling into the labeling queue).
 
-    Returns {"policy", "candidates": [{"index", "text", "score"?, "rank"?}], "best_index"?, "tokens_generated"}.
+    Sampling without a seed uses `request_seed`: the same request gives the same candidates.
+
+    Returns {"policy", "candidates": [{"index", "text", "score"?, "rank"?}], "best_index"?, "tokens_generated",
+    "seed"} (the seed sampled with, null for greedy decoding).
     Empty candidates (the model stopped at once, or a stop string came first) are returned unscored and last.
     """
     from labeling.errors import Conflict, ServiceUnavailable
@@ -244,9 +259,13 @@ def generate(*, project: Any, prompt: str | Messages, n: int = 4, temperature: f
     except (FileNotFoundError, OSError, ValueError) as exc:
         logger.exception("policy %s could not be loaded", key)
         raise ServiceUnavailable(f"The policy could not be loaded: {exc}", field="policy") from exc
+    if temperature > 0 and seed is None:
+        seed = request_seed(policy_key=key, messages=messages, n=n, temperature=temperature, top_k=top_k,
+                            top_p=top_p, max_new_tokens=max_new_tokens, stop=stop)
     texts, tokens = sample_candidates(loaded, messages=messages, n=n, temperature=temperature, top_k=top_k,
                                       top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, stop=stop)
-    body: dict[str, Any] = {"policy": description, "tokens_generated": tokens}
+    body: dict[str, Any] = {"policy": description, "tokens_generated": tokens,
+                            "seed": seed if temperature > 0 else None}
     if not rerank:
         body["candidates"] = [{"index": index, "text": text} for index, text in enumerate(texts)]
         return body

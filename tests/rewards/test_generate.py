@@ -114,16 +114,30 @@ def test_a_seed_makes_sampling_reproducible(project, policy, deployed, key_clien
     second = _post(key_client, project, policy).json()
     assert _stable(second) == _stable(first)
     other = _post(key_client, project, policy, seed=8).json()
-    assert _texts(other) != _texts(first)
+    assert _texts(other) != _texts(first) and (first["seed"], other["seed"]) == (7, 8)
     # Sampled candidates differ from one another (random weights make ties between rows very unlikely).
     assert len(set(_texts(first))) > 1
+
+
+@pytest.mark.django_db
+def test_without_a_seed_the_same_request_gives_the_same_answer(project, policy, deployed, key_client):
+    first = _post(key_client, project, policy, seed=None).json()
+    second = _post(key_client, project, policy, seed=None).json()
+    assert _stable(second) == _stable(first)
+    # The seed was derived from the request, and is the one it sampled with: sent explicitly, it gives the same.
+    assert isinstance(first["seed"], int) and 0 <= first["seed"] < 2**63
+    assert _texts(_post(key_client, project, policy, seed=first["seed"]).json()) == _texts(first)
+    # Anything that shapes the candidates shapes the seed.
+    for change in ({"temperature": 0.9}, {"top_k": 5}, {"n": 3}, {"max_new_tokens": 11},
+                   {"prompt": [{"role": "user", "content": "Something else."}]}):
+        assert _post(key_client, project, policy, seed=None, **change).json()["seed"] != first["seed"], change
 
 
 @pytest.mark.django_db
 def test_temperature_zero_is_greedy_and_every_candidate_is_the_same(project, policy, key_client):
     first = _post(key_client, project, policy, temperature=0, seed=None, n=3, rerank=False).json()
     second = _post(key_client, project, policy, temperature=0, seed=None, n=3, rerank=False).json()
-    assert first["candidates"] == second["candidates"]
+    assert first["candidates"] == second["candidates"] and first["seed"] is None
     assert len(set(_texts(first))) == 1
     assert all(set(c) == {"index", "text"} for c in first["candidates"]) and "best_index" not in first
 
