@@ -1,4 +1,5 @@
-"""Log plumbing: the current request id, a filter that stamps it on records, and a one-line JSON formatter."""
+"""Log plumbing: the current request id, a filter that stamps it on records, the filter that keeps Django's
+request logger to tracebacks, and a one-line JSON formatter."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,15 @@ class RequestIdFilter(logging.Filter):
         if not hasattr(record, "request_id"):
             record.request_id = request_id_var.get()
         return True
+
+
+class UnhandledExceptionsOnly(logging.Filter):
+    """For django.request: keep the traceback of an exception no view handled (a 500), drop Django's line for every
+    other 4xx or 5xx response. config.middleware's access line already gives each response's method, path, status
+    and request id once; a 403 or 404 is a client's mistake and its traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR and record.exc_info is not None
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,6 +1,8 @@
 """HTTP API of the labeling core: one view per operation; each validates, calls one service, serializes."""
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth import authenticate, get_user_model
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
@@ -10,7 +12,7 @@ from rest_framework.views import APIView
 
 from labeling import selectors, services
 from labeling.errors import DomainError, Forbidden, NotFound
-from labeling.models import ApiToken, Comparison, Lease, Membership, Pair, Project
+from labeling.models import ID_MAX, ApiToken, Comparison, Lease, Membership, Pair, Project
 from labeling.serializing import FieldsOnce
 
 
@@ -40,6 +42,11 @@ MEMBER_USERNAME = _path_name("username", reserved="set", pattern=r"^[^/]+$",
                              description="The member's username (a member named 'set' is removed in the admin).")
 # What the reserved name gets instead: the sibling operation does not take this method.
 RESERVED_NAME = {405: OpenApiResponse(ErrorSerializer, description="The path names the sibling operation.")}
+
+
+def id_field(**kwargs: Any) -> serializers.IntegerField:
+    """An input naming a row by id: bounded like the database's ids (the schema shows the bounds)."""
+    return serializers.IntegerField(min_value=1, max_value=ID_MAX, **kwargs)
 
 
 def _prompt_field() -> serializers.JSONField:
@@ -260,7 +267,7 @@ class PairNextApi(APIView):
 
 class LeaseReleaseApi(APIView):
     class InputSerializer(serializers.Serializer):
-        pair = serializers.IntegerField(min_value=1)
+        pair = id_field()
 
     @extend_schema(request=InputSerializer, responses={204: None, **ERRORS})
     def post(self, request, slug: str):
@@ -273,7 +280,7 @@ class LeaseReleaseApi(APIView):
 
 class ComparisonSubmitApi(APIView):
     class InputSerializer(FieldsOnce, serializers.Serializer):
-        pair = serializers.IntegerField(min_value=1)
+        pair = id_field()
         choice = serializers.ChoiceField(choices=services.FRAME_CHOICES,
                                          help_text="What the labeler saw: left, right, tie or both_bad.")
         strength = serializers.IntegerField(min_value=1, max_value=3, required=False, allow_null=True, default=None)

@@ -203,7 +203,12 @@ class ProjectImportView(LoginRequiredMixin, View):
             return _project_page(request, project, status=413, import_error_field="file",
                                  import_error=f"file: the file is {upload.size} bytes; the limit is {limit}.")
         upload.seek(0)
-        report = imports.preferences_import(project=project, stream=upload.file, format=form.cleaned_data["format"])
+        try:
+            report = imports.preferences_import(project=project, stream=upload.file,
+                                                format=form.cleaned_data["format"])
+        except DomainError as exc:  # the file as a whole is refused (an archive): nothing was imported
+            return _project_page(request, project, status=exc.status_code, import_error_field=exc.field,
+                                 import_error=f"{exc.field}: {exc.message}" if exc.field else exc.message)
         return _project_page(request, project, import_report=report.as_dict(), import_name=upload.name)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -113,9 +114,34 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return response
 
 
+def _is_api(request: HttpRequest) -> bool:
+    return request.path_info.startswith("/api/")
+
+
+def _api_not_found() -> JsonResponse:
+    return JsonResponse(error_body(message="Not found.", code="not_found"), status=status.HTTP_404_NOT_FOUND)
+
+
 def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
     """Django's 404 for a URL no route matches: under /api/ the JSON error body every API answer uses (a client
     that sends an id with a slash in it, or a misspelt path, gets JSON too), elsewhere Django's page."""
-    if request.path.startswith("/api/"):
-        return JsonResponse(error_body(message="Not found.", code="not_found"), status=status.HTTP_404_NOT_FOUND)
+    if _is_api(request):
+        return _api_not_found()
     return defaults.page_not_found(request, exception)
+
+
+class ApiNotFoundMiddleware:
+    """Under DEBUG Django answers a URL no route matches with its HTML debug page and never calls handler404: this
+    gives an /api/ URL the JSON body of `page_not_found` whatever DEBUG says. A middleware rather than a catch-all
+    route, so that CommonMiddleware (outside this one) still redirects a path missing its trailing slash to the
+    route that has it, and the metrics keep counting such URLs as unmatched."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        # No resolver_match: the 404 came from the URL resolver, not from a view that answered it.
+        if response.status_code == 404 and getattr(request, "resolver_match", None) is None and _is_api(request):
+            return _api_not_found()
+        return response

@@ -95,7 +95,9 @@ _ARCHIVE_MAGIC = {
 }
 
 
-def _refuse_archive(head: bytes) -> None:
+def refuse_archive(head: bytes) -> None:
+    """Refuse a file whose first bytes (`head`) are those of a compressed archive, before anything is read from
+    it: an archive is never inflated, so a small bomb cannot fill memory or disk."""
     for magic, kind in _ARCHIVE_MAGIC.items():
         if head.startswith(magic):
             raise DomainError(f"The file is a {kind} archive; upload the uncompressed JSONL file.", field="file",
@@ -113,7 +115,7 @@ def _read_lines(stream: IO[bytes], *, max_line_bytes: int) -> Iterator[tuple[int
         if isinstance(raw, str):
             raise DomainError("The import stream must be opened in binary mode.", field="file")
         if number == 0:
-            _refuse_archive(raw)
+            refuse_archive(raw)
         number += 1
         consumed = len(raw)
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):

@@ -10,6 +10,10 @@ from django.db import models
 from django.db.models import F, Q
 from django.db.models.functions import Greatest, Least
 
+# The largest primary key PostgreSQL's bigint and SQLite's INTEGER hold. Every id a request names is bounded by
+# it, so an id past it is a 400 naming the field rather than a database error (or a 500) on the query.
+ID_MAX = 2**63 - 1
+
 
 def content_hash(value: Any) -> str:
     """Stable SHA-256 of a string or JSON value; the deduplication key for prompts and responses."""

@@ -15,7 +15,7 @@ from django.views import View
 
 from labeling import selectors, services
 from labeling.errors import DomainError, NotFound
-from labeling.models import Comparison, Pair, Project
+from labeling.models import ID_MAX, Comparison, Pair, Project
 
 # Keys 1-4 are the choices; the strength keys sit on the row above so one hand reaches both.
 CHOICE_BUTTONS = (
@@ -36,6 +36,12 @@ def _project_for(request: HttpRequest, slug: str) -> Project:
         return selectors.project_get_for_user(slug=slug, user=request.user)
     except NotFound as exc:
         raise Http404(exc.message)
+
+
+def id_form_field() -> forms.IntegerField:
+    """A form input naming a row by id, bounded like the database's ids: past them it is a form error, not a
+    database error on the query."""
+    return forms.IntegerField(min_value=1, max_value=ID_MAX)
 
 
 def _first_form_error(form: forms.Form) -> tuple[str | None, str]:
@@ -109,7 +115,7 @@ class LabelPageView(LoginRequiredMixin, View):
 
 class LabelSubmitView(LoginRequiredMixin, View):
     class InputForm(forms.Form):
-        pair = forms.IntegerField(min_value=1)
+        pair = id_form_field()
         choice = forms.ChoiceField(choices=[(choice, choice) for choice in services.FRAME_CHOICES])
         strength = forms.TypedChoiceField(choices=[("", "none"), ("1", "1"), ("2", "2"), ("3", "3")], coerce=int,
                                           required=False, empty_value=None)
@@ -151,7 +157,7 @@ class LabelSubmitView(LoginRequiredMixin, View):
 
 class LabelSkipView(LoginRequiredMixin, View):
     class InputForm(forms.Form):
-        pair = forms.IntegerField(min_value=1)
+        pair = id_form_field()
 
     def post(self, request: HttpRequest, slug: str) -> HttpResponse:
         project = _project_for(request, slug)

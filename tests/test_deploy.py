@@ -147,11 +147,30 @@ def _label_one_pair(url: str) -> None:
     assert status == 200 and following["pair"] != first["pair"]
 
 
+def test_gunicorns_listening_line_names_the_bind_address_when_the_workers_bind_it(capsys):
+    from gunicorn.config import Config
+
+    from config.gunicorn_logging import Logger
+
+    cfg = Config()
+    cfg.set("bind", ["127.0.0.1:8744", "[::1]:8744"])
+    cfg.set("reuse_port", True)
+    logger = Logger(cfg)
+    logger.info("Listening at: %s (%s)", "", 4242)
+    logger.info("Listening at: %s (%s)", "http://10.0.0.1:80", 4242)
+    logger.info("Booting worker with pid: %s", 4243)
+    err = capsys.readouterr().err
+    assert "Listening at: 127.0.0.1:8744,[::1]:8744 (4242)" in err
+    assert "Listening at: http://10.0.0.1:80 (4242)" in err and "Booting worker with pid: 4243" in err
+
+
 def test_serve_runs_web_and_worker_on_a_bare_machine_and_stops_both_on_sigterm(served):
     assert _status(f"{served.url}/api/schema/") == 200
     assert _status(f"{served.url}/api/docs/") == 200
     assert (served.var_dir / "preflab.sqlite3").is_file()
     assert f"Preflab is running at http://127.0.0.1:{served.port}/" in served.log()
+    # gunicorn's own line: --reuse-port left its address blank ("Listening at:  (pid)").
+    assert f"Listening at: 127.0.0.1:{served.port} (" in served.log()
     assert "user labeler  password preflab-labeler" in served.log()
     children = served.children()
     assert set(children) == {"gunicorn", "worker"}

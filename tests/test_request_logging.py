@@ -30,6 +30,20 @@ def _access_records(caplog) -> list[logging.LogRecord]:
     return [record for record in caplog.records if record.name == ACCESS_LOGGER]
 
 
+def _break_project_list(monkeypatch) -> None:
+    def broken(**kwargs):
+        raise RuntimeError("the selector broke")
+
+    monkeypatch.setattr("labeling.selectors.project_list_for_user", broken)
+
+
+def _api_500(user, **headers):
+    """GET /api/v1/projects/ as `user` once _break_project_list made it raise: an unhandled exception, a 500."""
+    client = Client(raise_request_exception=False)
+    client.force_login(user)
+    return client.get("/api/v1/projects/", **headers)
+
+
 @pytest.mark.django_db
 def test_a_request_without_an_id_gets_a_fresh_one_on_the_response():
     first = Client().get("/accounts/login/")
@@ -52,11 +66,12 @@ def test_an_unsafe_incoming_id_is_replaced(incoming):
 
 
 @pytest.mark.django_db
-def test_records_logged_during_the_request_carry_its_id_and_later_ones_do_not(logs):
-    response = Client().get("/api/v1/projects/", HTTP_X_REQUEST_ID="req-123")
-    assert response.status_code in (401, 403)
+def test_records_logged_during_the_request_carry_its_id_and_later_ones_do_not(logs, manager, monkeypatch):
+    _break_project_list(monkeypatch)
+    response = _api_500(manager, HTTP_X_REQUEST_ID="req-123")
+    assert response.status_code == 500
     during = [record for record in logs.records if record.name == "django.request"]
-    assert during, "Django logs refused API requests on django.request"
+    assert during, "Django logs the traceback of a 500 on django.request"
     assert {record.request_id for record in during} == {"req-123"}
     assert {record.request_id for record in _access_records(logs)} == {"req-123"}
 
@@ -141,3 +156,50 @@ def test_json_formatter_keeps_extras_tracebacks_and_values_json_cannot_hold():
     assert "ValueError: boom" in entry["exc_info"]
     assert entry["request_id"] == NO_REQUEST_ID
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", entry["time"])
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "no-debug"])
+def test_a_refused_api_request_is_one_access_line_and_nothing_else(logs, settings, project, labeler, debug):
+    settings.DEBUG = debug
+    api = APIClient()
+    api.force_authenticate(labeler)
+    answers = [
+        (api.get(f"/api/v1/projects/{project.slug}/members/"), 403),
+        (api.get("/api/v1/projects/no-such-project/"), 404),
+        (APIClient().get("/api/v1/projects/"), 401),
+        (Client().get("/api/v1/nothing/"), 404),
+    ]
+    assert [response.status_code for response, _ in answers] == [status for _, status in answers]
+    assert [(record.name, getattr(record, "status", None)) for record in logs.records] == [
+        (ACCESS_LOGGER, status) for _, status in answers]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "no-debug"])
+def test_a_labeler_refused_the_dashboard_is_one_access_line_without_a_traceback(logs, settings, labeler, debug):
+    settings.DEBUG = debug
+    client = Client()
+    client.force_login(labeler)
+    assert client.get("/dashboard/", HTTP_X_REQUEST_ID="dash-1").status_code == 403
+    [record] = logs.records
+    assert (record.name, record.status, record.request_id, record.exc_info) == (ACCESS_LOGGER, 403, "dash-1", None)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "no-debug"])
+def test_a_500_logs_its_traceback_once_with_the_request_id_and_its_access_line(logs, settings, manager,
+                                                                                 monkeypatch, debug):
+    settings.DEBUG = debug
+    _break_project_list(monkeypatch)
+    assert _api_500(manager, HTTP_X_REQUEST_ID="boom-1").status_code == 500
+    [traceback] = [record for record in logs.records if record.exc_info]
+    assert traceback.name == "django.request" and traceback.levelno == logging.ERROR
+    assert traceback.request_id == "boom-1"
+    assert "RuntimeError: the selector broke" in logging.Formatter().format(traceback)
+    [access] = _access_records(logs)
+    assert (access.status, access.levelno, access.request_id) == (500, logging.ERROR, "boom-1")
+    assert len(logs.records) == 2
+    # Nothing prints django.request records on its own, beside the console handler on the root (Django's
+    # default logging adds a DEBUG-only console handler to "django", which would print the traceback again).
+    assert logging.getLogger("django").handlers == [] and logging.getLogger("django.request").handlers == []

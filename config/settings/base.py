@@ -43,6 +43,8 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # Inside CommonMiddleware, whose missing-slash redirect must still see the 404 of an unmatched /api/ URL.
+    "labeling.errors.ApiNotFoundMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -148,6 +150,9 @@ SPECTACULAR_SETTINGS = {
         "ComparisonChoiceEnum": "labeling.models.Choice",
         "FrameChoiceEnum": "labeling.services.FRAME_CHOICES",
         "ApiTokenScopeEnum": "labeling.models.ApiToken.Scope",
+        # Two different sets of choices named `kind`: a training run's and a policy version's.
+        "TrainingRunKindEnum": "rewards.models.TrainingRun.Kind",
+        "PolicyKindEnum": "rewards.models.Policy.Kind",
     },
     # Path parameters say what the URL converters accept; anything else matches no route.
     "PATH_CONVERTER_OVERRIDES": {
@@ -245,7 +250,8 @@ if LOG_FORMAT not in ("plain", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "config.logging.RequestIdFilter"}},
+    "filters": {"request_id": {"()": "config.logging.RequestIdFilter"},
+                "unhandled_exceptions_only": {"()": "config.logging.UnhandledExceptionsOnly"}},
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
         "json": {"()": "config.logging.JsonFormatter"},
@@ -254,5 +260,13 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["request_id"],
                              "formatter": LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": env.str("PREFLAB_LOG_LEVEL", default="INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "loggers": {
+        # Without handlers of its own: Django's default logging gives "django" a console handler under DEBUG, which
+        # printed every record a second time (without the request id) beside the root's.
+        "django": {"handlers": [], "level": "INFO"},
+        # One line per response is the access line (config.middleware); Django's request logger keeps only the
+        # traceback of an unhandled exception, logged once, with the request id.
+        "django.request": {"filters": ["unhandled_exceptions_only"]},
+        "django.db.backends": {"level": "WARNING"},
+    },
 }

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from django import forms
+from rest_framework import serializers
 from rest_framework.test import APIClient
 
 from labeling.models import ApiToken, Comparison, Lease, Membership, Pair, Project
@@ -202,3 +204,86 @@ def test_schema_and_docs_are_served_without_a_cdn(client):
     docs = client.get("/api/docs/")
     assert docs.status_code == 200
     assert b"cdn" not in docs.content.lower()
+
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "no-debug"])
+@pytest.mark.parametrize("path", ["/api/v1/nothing/", "/api/v1/nothing/here/42/", "/api/", "/api/v1/projects/a/b/c/"])
+def test_an_api_url_no_route_matches_is_a_json_404_whatever_debug_says(client, settings, debug, path):
+    settings.DEBUG = debug
+    response = client.get(path)
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {"error": {"code": "not_found", "message": "Not found.", "field": None}}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "no-debug"])
+def test_outside_the_api_no_route_is_djangos_page_and_a_missing_slash_still_redirects(client, settings, debug):
+    settings.DEBUG = debug
+    page = client.get("/nothing/here/")
+    assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
+    # CommonMiddleware's APPEND_SLASH still finds the route with the slash added.
+    redirect = client.get("/api/v1/projects")
+    assert redirect.status_code == 301 and redirect["Location"] == "/api/v1/projects/"
+    schema = client.get("/api/schema/")
+    assert schema.status_code == 200 and b"/api/v1/projects/" in schema.content
+    assert client.get("/api/docs/").status_code == 200
+
+
+# Larger than any id PostgreSQL's bigint or SQLite's INTEGER can hold: the database would refuse the query.
+HUGE_ID = 99999999999999999999999
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("path", "body"), [
+    ("/api/v1/comparisons/", {"pair": HUGE_ID, "choice": "left"}),
+    ("/api/v1/projects/{slug}/skip/", {"pair": HUGE_ID}),
+    ("/api/v1/comparisons/", {"pair": 2**63, "choice": "left"}),
+], ids=["submit", "skip", "submit-just-past-bigint"])
+def test_an_id_too_large_for_the_database_is_a_400_naming_the_field(project, labeler, path, body):
+    response = client_for(labeler).post(path.format(slug=project.slug), body, format="json")
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("invalid", "pair")
+    assert error["message"] == f"pair: Ensure this value is less than or equal to {2**63 - 1}."
+    assert not Comparison.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_largest_id_the_database_holds_is_looked_up_and_not_found(project, labeler):
+    client = client_for(labeler)
+    submit = client.post("/api/v1/comparisons/", {"pair": 2**63 - 1, "choice": "left"}, format="json")
+    assert submit.status_code == 404 and submit.json()["error"]["field"] == "pair"
+    skip = client.post(f"/api/v1/projects/{project.slug}/skip/", {"pair": 2**63 - 1}, format="json")
+    assert skip.status_code == 404 and skip.json()["error"]["field"] == "pair"
+
+
+def _input_integer_fields(module) -> list[tuple[str, object]]:
+    """(class.field, field) of every integer field a request fills in the module: the nested input serializers
+    and forms of its views, and its module-level forms."""
+    found = []
+    for owner in vars(module).values():
+        if not isinstance(owner, type) or owner.__module__ != module.__name__:
+            continue
+        inputs = [getattr(owner, name) for name in ("InputSerializer", "UpdateSerializer", "InputForm")
+                  if hasattr(owner, name)]
+        if issubclass(owner, forms.Form):
+            inputs.append(owner)
+        for cls in inputs:
+            fields = cls.base_fields if issubclass(cls, forms.Form) else cls().fields
+            found += [(f"{cls.__qualname__}.{name}", field) for name, field in fields.items()
+                      if isinstance(field, (serializers.IntegerField, forms.IntegerField))]
+    return found
+
+
+def test_every_integer_input_of_the_labeling_views_has_an_upper_bound():
+    from labeling import apis, apis_io, apis_stats, dashboard_views, views
+
+    fields = [found for module in (apis, apis_io, apis_stats, views, dashboard_views)
+              for found in _input_integer_fields(module)]
+    assert "ComparisonSubmitApi.InputSerializer.pair" in {name for name, _ in fields}
+    assert "LabelSkipView.InputForm.pair" in {name for name, _ in fields}
+    unbounded = [name for name, field in fields if field.max_value is None]
+    assert unbounded == []

@@ -2,6 +2,7 @@
 members, guidelines and the labeler outlier rule."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.test import Client
 
 from labeling import exports, selectors, stats
-from labeling.models import Comparison, Membership, Pair
+from labeling.models import Comparison, Membership, Pair, Project
 from rewards.models import RewardModel
 from tests.factories import PairFactory, ProjectFactory, UserFactory
 
@@ -296,3 +297,17 @@ def test_labeler_table_joins_the_stats(project, known):
     assert rows["bob"]["gold_accuracy"] == 0.0 and rows["bob"]["gold_comparisons"] == 1
     assert rows["ann"]["agreement"] == pytest.approx(1 / 3)
     assert rows["bob"]["outliers"] == ["gold accuracy 0%", "median 1.0 s per comparison"]
+
+
+@pytest.mark.django_db
+def test_an_archive_is_refused_on_the_form_and_imports_nothing(project, manager):
+    PairFactory(project=project)
+    before = (Project.objects.count(), Pair.objects.count(), Comparison.objects.count())
+    content = gzip.compress(b'{"prompt": "Hi?", "chosen": "Hello there.", "rejected": "Go away."}\n')
+    upload = SimpleUploadedFile("prefs.jsonl.gz", content, content_type="application/gzip")
+    response = _client(manager).post(f"/dashboard/{project.slug}/import/", {"file": upload, "format": "trl"})
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert "Not imported (file)" in page
+    assert "file: The file is a gzip archive; upload the uncompressed JSONL file." in page
+    assert (Project.objects.count(), Pair.objects.count(), Comparison.objects.count()) == before

@@ -1,6 +1,7 @@
 """Import of preference data: every format with good and bad lines, deduplication, the API and the command."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from pathlib import Path
@@ -343,3 +344,21 @@ def test_command_creates_the_project_on_request_and_prints_the_report():
 def test_command_reports_an_unreadable_file(project):
     with pytest.raises(CommandError, match="Cannot read"):
         call_command("import_preferences", "/nonexistent/file.jsonl", project=project.slug, format="trl")
+
+
+@pytest.mark.django_db
+def test_command_creates_no_project_for_a_file_it_cannot_read(tmp_path):
+    err = io.StringIO()
+    with pytest.raises(CommandError, match=r"^Cannot read /nonexistent\.jsonl: No such file or directory\.$"):
+        call_command("import_preferences", "/nonexistent.jsonl", project="ghostproj", format="hh", create=True,
+                     no_progress=True, stdout=io.StringIO(), stderr=err)
+    assert "Created project" not in err.getvalue()
+    assert not Project.objects.filter(slug="ghostproj").exists()
+
+    archive = tmp_path / "hh.jsonl.gz"
+    archive.write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    with pytest.raises(CommandError, match=r"^The file is a gzip archive; upload the uncompressed JSONL file\.$"):
+        call_command("import_preferences", str(archive), project="ghostproj", format="hh", create=True,
+                     no_progress=True, stdout=io.StringIO(), stderr=err)
+    assert "Created project" not in err.getvalue()
+    assert not Project.objects.exists()

@@ -285,3 +285,18 @@ def test_submit_requires_the_csrf_token(labeler):
     response = client.post(f"{_label_url(project)}submit/", {"pair": pair.pk, "choice": "left"})
     assert response.status_code == 403
     assert not Comparison.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", ["submit", "skip"])
+def test_a_pair_id_too_large_for_the_database_is_a_form_error(labeler, action):
+    project = labeler.projects.get()
+    pair = PairFactory(project=project)
+    _lease(project, labeler, swapped=False)
+    response = _client(labeler).post(f"{_label_url(project)}{action}/",
+                                     {"pair": 99999999999999999999999, "choice": "left"}, **HTMX)
+    assert response.status_code == 400
+    assert f"pair: Ensure this value is less than or equal to {2**63 - 1}." in response.content.decode()
+    # The labeler keeps the pair they hold.
+    assert pair.response_a.text in response.content.decode()
+    assert not Comparison.objects.exists() and not Lease.objects.get(labeler=labeler).skipped

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import IO
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from labeling.errors import DomainError
-from labeling.imports import FORMATS, preferences_import
+from labeling.imports import FORMATS, preferences_import, refuse_archive
 from labeling.models import Project
 from labeling.services import project_create
+
+# Enough of the file's start to recognise every archive refuse_archive knows.
+_HEAD_BYTES = 16
 
 
 class Command(BaseCommand):
@@ -25,6 +29,30 @@ class Command(BaseCommand):
 
     def handle(self, *args, path: str, project: str, format: str, create: bool, no_progress: bool,
                **options) -> None:
+        # The file is opened and its first bytes checked before --create makes the project: a path that cannot be
+        # read, or an archive, must not leave an empty project behind.
+        if path == "-":
+            stream, total = sys.stdin.buffer, None
+        else:
+            try:
+                stream, total = open(path, "rb"), os.path.getsize(path)
+            except OSError as exc:
+                raise CommandError(f"Cannot read {path}: {exc.strerror}.")
+        try:
+            target = self._target(stream, project=project, create=create)
+            self._import(stream, total=total, project=target, format=format, no_progress=no_progress)
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+
+    def _target(self, stream: IO[bytes], *, project: str, create: bool) -> Project:
+        peek = getattr(stream, "peek", None)
+        try:
+            # peek leaves the bytes in the stream for the import, which checks them again (a pipe may have
+            # delivered only a few so far).
+            refuse_archive(peek(_HEAD_BYTES) if peek is not None else b"")
+        except DomainError as exc:
+            raise CommandError(exc.message)
         target = Project.objects.filter(slug=project).first()
         if target is None:
             if not create:
@@ -34,13 +62,10 @@ class Command(BaseCommand):
             except DomainError as exc:
                 raise CommandError(exc.message)
             self.stderr.write(f"Created project '{project}'.")
-        if path == "-":
-            stream, total = sys.stdin.buffer, None
-        else:
-            try:
-                stream, total = open(path, "rb"), os.path.getsize(path)
-            except OSError as exc:
-                raise CommandError(f"Cannot read {path}: {exc.strerror}.")
+        return target
+
+    def _import(self, stream: IO[bytes], *, total: int | None, project: Project, format: str,
+                no_progress: bool) -> None:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"import {format}", file=sys.stderr,
                    disable=no_progress)
         done = 0
@@ -52,13 +77,11 @@ class Command(BaseCommand):
             done = bytes_read
 
         try:
-            report = preferences_import(project=target, stream=stream, format=format, progress=progress)
+            report = preferences_import(project=project, stream=stream, format=format, progress=progress)
         except DomainError as exc:  # the file as a whole is refused (an archive): nothing was imported
             raise CommandError(exc.message)
         finally:
             bar.close()
-            if stream is not sys.stdin.buffer:
-                stream.close()
         self.stdout.write(
             f"{report.lines_read} lines read: {report.pairs_created} pairs created, "
             f"{report.comparisons_created} comparisons created, {report.duplicates_skipped} duplicates skipped, "

@@ -106,6 +106,8 @@ class Command(BaseCommand):
                 sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", _bind_address(host, port),
                 "--workers", str(workers), "--threads", str(threads), "--reuse-port",
                 "--graceful-timeout", str(int(grace)), "--timeout", "120", "--no-control-socket",
+                # Names the address in gunicorn's "Listening at:" line, which --reuse-port leaves blank.
+                "--logger-class", "config.gunicorn_logging.Logger",
             ]),
             # -B runs the periodic sweeps (worker.celery's beat_schedule) inside this one worker.
             "celery worker": self._spawn([
