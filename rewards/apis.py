@@ -1,7 +1,7 @@
-"""HTTP API of training runs and the reward-model registry: one view per operation."""
+"""HTTP API of training runs and the model registry (reward models, policies): one view per operation."""
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
@@ -10,9 +10,16 @@ from rest_framework.views import APIView
 from labeling.apis import ErrorSerializer
 from labeling.selectors import project_get_for_user
 from rewards import selectors, services
-from rewards.models import RewardModel, TrainingRun
+from rewards.models import Policy, RewardModel, TrainingRun
 
 ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 409, 503)}
+
+
+class TrainingRunProducedOutput(serializers.Serializer):
+    type = serializers.ChoiceField(choices=["reward_model", "policy"],
+                                   help_text="reward_model: listed under /reward-models/; policy: under /policies/.")
+    id = serializers.IntegerField()
+    version = serializers.IntegerField()
 
 
 class TrainingRunOutput(serializers.ModelSerializer):
@@ -20,14 +27,23 @@ class TrainingRunOutput(serializers.ModelSerializer):
     created_by = serializers.CharField(source="created_by.username", allow_null=True, default=None)
     progress = serializers.SerializerMethodField()
     dataset = serializers.SerializerMethodField()
-    reward_model = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
+    reward_model = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True,
+        help_text="The reward model an RLHF run trains against or a DPO run is judged by; see `produced` for "
+                  "what the run made.")
+    produced = serializers.SerializerMethodField(
+        help_text="The registry entry the run made when it succeeded (a reward model or a policy), else null.")
 
     class Meta:
         model = TrainingRun
         fields = ["id", "project", "kind", "base_model", "hyperparameters", "status", "progress", "dataset",
                   "metrics_history", "eval_metrics", "log_tail", "error", "artifact_path", "reward_model",
-                  "cancel_requested", "worker_hostname", "attempts", "created_by", "created_at", "started_at",
-                  "finished_at", "heartbeat_at"]
+                  "produced", "cancel_requested", "worker_hostname", "attempts", "created_by", "created_at",
+                  "started_at", "finished_at", "heartbeat_at"]
+
+    @extend_schema_field(TrainingRunProducedOutput(allow_null=True))
+    def get_produced(self, run: TrainingRun) -> dict | None:
+        return selectors.training_run_produced(run=run)
 
     def get_progress(self, run: TrainingRun) -> dict:
         return {"step": run.step, "total_steps": run.total_steps, "epoch": run.epoch, "eta_seconds": run.eta_seconds}
@@ -46,6 +62,16 @@ class RewardModelOutput(serializers.ModelSerializer):
         model = RewardModel
         fields = ["id", "project", "version", "training_run", "artifact_path", "base_model", "metrics", "lineage",
                   "is_deployed", "deployed_at", "created_at"]
+
+
+class PolicyOutput(serializers.ModelSerializer):
+    project = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    training_run = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Policy
+        fields = ["id", "project", "kind", "version", "training_run", "artifact_path", "base_model", "metrics",
+                  "lineage", "is_deployed", "deployed_at", "created_at"]
 
 
 class TrainingRunStartApi(APIView):
@@ -117,6 +143,21 @@ class RewardModelListApi(APIView):
         params.is_valid(raise_exception=True)
         project = project_get_for_user(slug=params.validated_data["project"], user=request.user)
         return Response(RewardModelOutput(selectors.reward_model_list(project=project), many=True).data)
+
+
+class PolicyListApi(APIView):
+    """The project's policy versions (registered by DPO and RLHF runs), newest first: their ids are what
+    /generate/ takes as `policy`."""
+
+    class InputSerializer(serializers.Serializer):
+        project = serializers.SlugField()
+
+    @extend_schema(parameters=[InputSerializer], responses={200: PolicyOutput(many=True), **ERRORS})
+    def get(self, request):
+        params = self.InputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        project = project_get_for_user(slug=params.validated_data["project"], user=request.user)
+        return Response(PolicyOutput(selectors.policy_list(project=project), many=True).data)
 
 
 class RewardModelDeployApi(APIView):

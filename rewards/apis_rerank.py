@@ -5,6 +5,9 @@ import logging
 import time
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
@@ -105,6 +108,15 @@ class _StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+def _answered_with_4xx(exc: Exception) -> bool:
+    """Whether labeling.errors.exception_handler answers `exc` with a client error: the caller's input, not a
+    failure of the service, so the dashboard counts it apart from the server errors."""
+    if isinstance(exc, (Http404, DjangoPermissionDenied, RequestDataTooBig)):
+        return True
+    status_code = getattr(exc, "status_code", None)  # DomainError and DRF's APIException carry theirs
+    return isinstance(status_code, int) and 400 <= status_code < 500
+
+
 class RerankApi(APIView):
     permission_classes = [IsAuthenticated, ScopedTokenPermission]
     token_scopes = (ApiToken.Scope.RERANK,)
@@ -151,14 +163,15 @@ class RerankApi(APIView):
             project = _project_for_rerank(slug=fields["project"], request=request)
             body = rerank(project=project, prompt=fields["prompt"], candidates=fields["candidates"],
                           model=fields["model"], top_k=fields["top_k"], constraints=fields["constraints"])
-        except Exception:
+        except Exception as exc:
             # An error is counted against the project once it is known, or against the key's own project.
             token = request_token(request)
             project = project or (token.project if token is not None and token.scope != ApiToken.Scope.USER
                                   else None)
             if project is not None:
+                rejected = _answered_with_4xx(exc)
                 rerank_usage_record(project=project, latency_ms=(time.perf_counter() - started) * 1000.0,
-                                    error=True)
+                                    error=not rejected, rejected=rejected)
             raise
         body["timing_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
         rerank_usage_record(project=project, latency_ms=body["timing_ms"], cached=body["cached"])

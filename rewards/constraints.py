@@ -64,6 +64,47 @@ def _schema_walk(value: Any) -> None:
             regex_compile(value["pattern"], field=name)
 
 
+# Keywords whose values are instances, not schemas: a "$ref" key inside them is data, not a reference.
+_INSTANCE_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+_REFERENCE_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
+
+
+def _schema_refs_check(validator_class: Any, schema: dict) -> None:
+    """Resolve every reference of the schema now, against the schema itself and the metaschemas only, so that
+    a reference that cannot be resolved is a 400 whatever the candidates are (validation would only meet it on a
+    candidate that parses as JSON). Nothing is fetched."""
+    import referencing
+    import referencing.jsonschema
+    from jsonschema_specifications import REGISTRY as METASCHEMAS
+    from referencing.exceptions import Unresolvable
+
+    specification = referencing.jsonschema.specification_with(
+        validator_class.ID_OF(validator_class.META_SCHEMA) or "", default=referencing.jsonschema.DRAFT202012)
+    root = METASCHEMAS.combine(referencing.Registry()).resolver_with_root(specification.create_resource(schema))
+
+    def walk(resolver: Any, value: Any) -> None:
+        if isinstance(value, list):
+            for item in value:
+                walk(resolver, item)
+        elif isinstance(value, dict):
+            # A subschema with its own $id changes the base that its references are resolved against.
+            resolver = resolver.in_subresource(specification.create_resource(value))
+            for keyword in _REFERENCE_KEYWORDS:
+                reference = value.get(keyword)
+                if isinstance(reference, str):
+                    try:
+                        resolver.lookup(reference)
+                    except Unresolvable as exc:
+                        raise DomainError(f"json_schema has a {keyword} that cannot be resolved: {reference!r} "
+                                          "(references must point inside the schema; nothing is fetched).",
+                                          field=_field("json_schema")) from exc
+            for key, item in value.items():
+                if key not in _INSTANCE_KEYWORDS:
+                    walk(resolver, item)
+
+    walk(root, schema)
+
+
 @functools.cache
 def _with_re2_patterns(validator_class: Any) -> Any:
     from jsonschema import validators
@@ -174,6 +215,7 @@ def constraints_parse(raw: Any) -> Constraints:
         schema = raw["json_schema"]
         if not isinstance(schema, dict):
             raise DomainError("json_schema must be a JSON Schema object.", field=_field("json_schema"))
+        import referencing
         from jsonschema import exceptions as schema_errors
         from jsonschema import validators
 
@@ -181,12 +223,14 @@ def constraints_parse(raw: Any) -> Constraints:
             _schema_walk(schema)
             validator_class = validators.validator_for(schema)
             validator_class.check_schema(schema)
+            _schema_refs_check(validator_class, schema)
         except schema_errors.SchemaError as exc:
             raise DomainError(f"json_schema is not a valid schema: {exc.message}.",
                               field=_field("json_schema")) from exc
         except RecursionError as exc:
             raise DomainError("json_schema is nested too deeply.", field=_field("json_schema")) from exc
-        validator = _with_re2_patterns(validator_class)(schema)
+        # An empty registry retrieves nothing: without it jsonschema would fetch a remote $ref over the network.
+        validator = _with_re2_patterns(validator_class)(schema, registry=referencing.Registry())
 
     return Constraints(max_chars=max_chars, min_chars=min_chars, regex=pattern, json=must_parse,
                        json_schema=validator)

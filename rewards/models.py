@@ -213,16 +213,18 @@ class RerankMinute(models.Model):
     """Rerank traffic of one project in one UTC minute, kept per project because the Prometheus counters are per
     process and not per project.
 
-    One row per project and minute, incremented in place by one upsert per request. `errors` counts requests
-    answered with an error; the others were answered, and of those `cache_hits` came from the cache. The
-    latency columns count the answered requests per bucket (not cumulatively): `latency_le_100ms` holds those
-    that took more than 50 ms and at most 100 ms."""
+    One row per project and minute, incremented in place by one upsert per request. `rejected` counts requests
+    refused with a client error (4xx: bad input, unknown model, ...), the caller's doing, and `errors` those
+    that failed with a server error (5xx); the others were answered, and of those `cache_hits` came from the
+    cache. The latency columns count the answered requests per bucket (not cumulatively): `latency_le_100ms`
+    holds those that took more than 50 ms and at most 100 ms."""
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="rerank_minutes")
     minute = models.DateTimeField(help_text="The start of the minute, UTC.")
     requests = models.PositiveIntegerField(default=0)
     cache_hits = models.PositiveIntegerField(default=0)
-    errors = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0, help_text="Requests that failed with a server error (5xx).")
+    rejected = models.PositiveIntegerField(default=0, help_text="Requests refused with a client error (4xx).")
     latency_ms_sum = models.FloatField(default=0.0, help_text="Of the answered requests.")
     latency_le_1ms = models.PositiveIntegerField(default=0)
     latency_le_2ms = models.PositiveIntegerField(default=0)
@@ -246,12 +248,14 @@ class RerankMinute(models.Model):
         constraints = [
             # Also the conflict target of the upsert, and the index the dashboard reads a window through.
             models.UniqueConstraint(fields=["project", "minute"], name="rerank_minute_unique"),
-            models.CheckConstraint(condition=Q(errors__lte=F("requests")), name="rerank_minute_errors_le_requests"),
-            models.CheckConstraint(condition=Q(cache_hits__lte=F("requests") - F("errors")),
-                                   name="rerank_minute_hits_le_answered"),
+            models.CheckConstraint(condition=Q(errors__lte=F("requests") - F("rejected")),
+                                   name="rerank_minute_failed_le_requests"),
+            models.CheckConstraint(condition=Q(cache_hits__lte=F("requests") - F("errors") - F("rejected")),
+                                   name="rerank_minute_hits_le_answered_requests"),
             models.CheckConstraint(
-                condition=Q(requests=reduce(add, (F(name) for name in RERANK_LATENCY_FIELDS)) + F("errors")),
-                name="rerank_minute_buckets_count_answered",
+                condition=Q(requests=reduce(add, (F(name) for name in RERANK_LATENCY_FIELDS)) + F("errors")
+                            + F("rejected")),
+                name="rerank_minute_buckets_count_answered_requests",
             ),
         ]
 

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ObjectDoesNotExist
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -20,6 +21,9 @@ from rewards.models import (
     RewardModel,
     TrainingRun,
 )
+
+# What a run's API output reads besides the run: joined in, so that a page of runs is one query.
+_RUN_RELATED = ("project", "created_by", "registered_reward_model", "registered_policy")
 
 
 def training_run_list_for_user(*, user: AbstractBaseUser, project_slug: str | None = None,
@@ -36,12 +40,12 @@ def training_run_list_for_user(*, user: AbstractBaseUser, project_slug: str | No
         if kind not in TrainingRun.Kind.values:
             raise DomainError(f"Unknown kind '{kind}'.", field="kind")
         runs = runs.filter(kind=kind)
-    return runs.select_related("project", "created_by").order_by("-created_at", "-id")
+    return runs.select_related(*_RUN_RELATED).order_by("-created_at", "-id")
 
 
 def training_run_get_for_user(*, run_id: int, user: AbstractBaseUser, manage: bool = False) -> TrainingRun:
     """The run if the user may see its project (404 otherwise, so runs of other projects do not leak)."""
-    run = TrainingRun.objects.select_related("project", "created_by").filter(pk=run_id).first()
+    run = TrainingRun.objects.select_related(*_RUN_RELATED).filter(pk=run_id).first()
     if run is None:
         raise NotFound(f"Training run {run_id} not found.", field="run")
     try:
@@ -49,6 +53,22 @@ def training_run_get_for_user(*, run_id: int, user: AbstractBaseUser, manage: bo
     except NotFound:
         raise NotFound(f"Training run {run_id} not found.", field="run")
     return run
+
+
+def training_run_produced(*, run: TrainingRun) -> dict[str, Any] | None:
+    """What a run registered: {"type": "reward_model" or "policy", "id", "version"} of the registry entry its
+    success created (a reward run a reward model, a DPO or RLHF run a policy), or None (not succeeded, or the
+    entry was deleted). Not `run.reward_model`, which is the reward model the run was judged by or trained
+    against."""
+    if run.status != TrainingRun.Status.SUCCEEDED:
+        return None
+    kind, related = (("reward_model", "registered_reward_model") if run.kind == TrainingRun.Kind.REWARD
+                     else ("policy", "registered_policy"))
+    try:
+        entry = getattr(run, related)
+    except ObjectDoesNotExist:
+        return None
+    return {"type": kind, "id": entry.pk, "version": entry.version}
 
 
 def reward_model_list(*, project: Project) -> QuerySet[RewardModel]:
@@ -132,7 +152,8 @@ def rerank_usage(*, project: Project, minutes: int = RERANK_USAGE_DEFAULT_MINUTE
                  now: datetime | None = None) -> dict[str, Any]:
     """The project's reranking over the last `minutes` UTC minutes (the current, partial one last): requests per
     minute as a series with the quiet minutes as zeros, and over the whole window the request rate, cache hit
-    rate of the answered requests, errors and latency percentiles. One indexed query of at most `minutes` rows."""
+    rate of the answered requests, server errors (5xx), requests rejected for the caller's input (4xx) and
+    latency percentiles. One indexed query of at most `minutes` rows."""
     if not 1 <= minutes <= RERANK_USAGE_MAX_MINUTES:
         raise DomainError(f"minutes must be between 1 and {RERANK_USAGE_MAX_MINUTES}.", field="minutes")
     current = (now or timezone.now()).astimezone(UTC).replace(second=0, microsecond=0)
@@ -140,18 +161,20 @@ def rerank_usage(*, project: Project, minutes: int = RERANK_USAGE_DEFAULT_MINUTE
     rows = {
         row["minute"]: row
         for row in RerankMinute.objects.filter(project=project, minute__gte=start, minute__lte=current).values(
-            "minute", "requests", "cache_hits", "errors", "latency_ms_sum", *RERANK_LATENCY_FIELDS)
+            "minute", "requests", "cache_hits", "errors", "rejected", "latency_ms_sum", *RERANK_LATENCY_FIELDS)
     }
     series = []
     for i in range(minutes):
         minute = start + timedelta(minutes=i)
         row = rows.get(minute)
         series.append({"minute": minute, "requests": row["requests"] if row else 0,
-                       "cache_hits": row["cache_hits"] if row else 0, "errors": row["errors"] if row else 0})
+                       "cache_hits": row["cache_hits"] if row else 0, "errors": row["errors"] if row else 0,
+                       "rejected": row["rejected"] if row else 0})
     requests = sum(row["requests"] for row in rows.values())
     errors = sum(row["errors"] for row in rows.values())
+    rejected = sum(row["rejected"] for row in rows.values())
     cache_hits = sum(row["cache_hits"] for row in rows.values())
-    answered = requests - errors
+    answered = requests - errors - rejected
     counts = [sum(row[name] for row in rows.values()) for name in RERANK_LATENCY_FIELDS]
     latency = {"mean": _share(sum(row["latency_ms_sum"] for row in rows.values()), answered)}
     latency.update({f"p{q}": latency_percentile(counts, q / 100) for q in RERANK_PERCENTILES})
@@ -165,6 +188,8 @@ def rerank_usage(*, project: Project, minutes: int = RERANK_USAGE_DEFAULT_MINUTE
         "answered": answered,
         "errors": errors,
         "error_rate": _share(errors, requests),
+        "rejected": rejected,
+        "rejected_rate": _share(rejected, requests),
         "cache_hits": cache_hits,
         "cache_hit_rate": _share(cache_hits, answered),
         "latency_ms": latency,

@@ -54,7 +54,14 @@ from rewards.models import (
     RewardModelDeployment,
     TrainingRun,
 )
-from rewards.training.common import CHECKPOINT_PREFIX, checkpoint_step, latest_checkpoint
+from rewards.training.common import (
+    CHECKPOINT_PREFIX,
+    HyperparameterError,
+    base_model_check,
+    checkpoint_step,
+    latest_checkpoint,
+    resolve_base_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +105,6 @@ def _recipe(kind: str) -> Recipe:
 def training_hyperparameters_validate(*, kind: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """Check the hyperparameters with the recipe's own validator (TRL config field names); a bad one becomes a
     400 naming the field."""
-    from rewards.training.common import HyperparameterError
-
     recipe = _recipe(kind)
     if not isinstance(hyperparameters, dict):
         raise DomainError("hyperparameters must be an object of TRL config fields.", field="hyperparameters")
@@ -109,6 +114,16 @@ def training_hyperparameters_validate(*, kind: str, hyperparameters: dict[str, A
         field = f"hyperparameters.{exc.field}" if exc.field else "hyperparameters"
         raise DomainError(exc.message, field=field, code="invalid_hyperparameter")
     return dict(hyperparameters) if validated is None else dict(validated)
+
+
+def training_base_model_validate(*, base_model: str) -> None:
+    """Check the base model with the check the worker's resolver makes (an embedded model's name or a local
+    model folder; nothing is downloaded), so that a bad one is a 400 naming `base_model` at submission instead
+    of a run that fails in the worker."""
+    try:
+        base_model_check(base_model)
+    except HyperparameterError as exc:
+        raise DomainError(exc.message, field="base_model", code="invalid_base_model")
 
 
 # --- the dataset snapshot -------------------------------------------------------------------------------
@@ -166,6 +181,7 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
                           field="kind")
     if not 0.0 <= eval_fraction < 1.0:
         raise DomainError("eval_fraction must be at least 0 and below 1.", field="eval_fraction")
+    training_base_model_validate(base_model=base_model)
     validated = training_hyperparameters_validate(kind=kind, hyperparameters=hyperparameters)
     reward_model = None
     if kind != TrainingRun.Kind.REWARD:
@@ -295,7 +311,8 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
     try:
         rows = _snapshot_rows(run)
         recipe = _recipe(run.kind)
-        base_model = run.base_model or str(recipe.default_base_model())
+        # Checked again: the folder was there at submission but may have gone since.
+        base_model = str(resolve_base_model(run.base_model, default=recipe.default_base_model))
         metadata = {"preflab_training_run": run.pk, "project": run.project.slug, "dataset_hash": run.dataset_hash}
         spacing = CheckpointSpacing(min_seconds=float(settings.PREFLAB["TRAINING_CHECKPOINT_MIN_SECONDS"]))
         common: dict[str, Any] = {"output_dir": output_dir, "hyperparameters": run.hyperparameters,
@@ -305,6 +322,9 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
             train_ids = set(run.train_pair_ids)
             prompts = list({json.dumps(row.prompt, sort_keys=True): row.prompt
                             for row in rows if row.pair_id in train_ids}.values())
+            note = _no_heldout_prompts_message(run, prompts=len(prompts))
+            if note and attempt == 1:  # a later attempt carries the first one's log
+                _attempt_log(run, progress.log_lines, note)
             result = recipe.train(base_model=base_model, prompts=prompts,
                                   reward_model_path=run.reward_model.artifact_path, **common)
         else:
@@ -314,12 +334,21 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
             if run.kind == TrainingRun.Kind.DPO and run.reward_model is not None:
                 common["judge_path"] = run.reward_model.artifact_path
             result = recipe.train(base_model=base_model, train=train, eval=held_out, **common)
+    except (DomainError, HyperparameterError) as exc:
+        # A rule the run broke (its labels changed, its base model folder went away): the reason is the whole
+        # story, so the run and the worker's log get it without a traceback.
+        if progress.lost:
+            logger.warning("training run %s: attempt %s stopped after losing the run (%s)", run.pk, attempt, exc)
+            return TrainingRun.objects.get(pk=run.pk)
+        message = exc.message if isinstance(exc, DomainError) else str(exc)
+        logger.warning("training run %s failed: %s", run.pk, message)
+        return training_run_fail(run_id=run.pk, error=message, attempt=attempt)
     except Exception as exc:
         if progress.lost:
             logger.warning("training run %s: attempt %s stopped after losing the run (%s)", run.pk, attempt, exc)
             return TrainingRun.objects.get(pk=run.pk)
         logger.exception("training run %s failed", run.pk)
-        message = exc.message if isinstance(exc, DomainError) else f"{type(exc).__name__}: {exc}"
+        message = f"{type(exc).__name__}: {exc}"
         return training_run_fail(run_id=run.pk, error=message, details=traceback.format_exc(limit=8),
                                  attempt=attempt)
     finally:
@@ -356,6 +385,27 @@ def _no_eval_message(run: TrainingRun) -> str:
             "run reports no held-out metrics (pairs on other prompts give it some)")
 
 
+NO_JUDGE_MESSAGE = ("no win rate: a DPO run's answers are judged against the base model's by the project's deployed "
+                    "reward model, and none was deployed when the run was submitted; the run reports no "
+                    "win_rate_vs_base (deploy a reward model, then start a new run)")
+
+
+def _no_heldout_prompts_message(run: TrainingRun, *, prompts: int) -> str | None:
+    """Why an RLHF run holds out no prompts, said in its log so that missing reward_before/reward_after and
+    kl_to_base are not a puzzle; None when it holds some out."""
+    from rewards.training.rlhf import heldout_count
+
+    wanted = int(run.hyperparameters.get("heldout_prompts", 0))
+    if heldout_count(prompts, heldout=wanted):
+        return None
+    missing = "the run reports no reward_before, reward_after or kl_to_base"
+    if wanted == 0:
+        return f"no prompts held out (heldout_prompts is 0): {missing}"
+    # heldout_count holds out at most half of the prompts, so this is a run with a single prompt.
+    return (f"no prompts held out: at most half of the distinct prompts are held out and the run has one, so "
+            f"{missing} (pairs on two or more prompts give it some)")
+
+
 def _attempt_prepare(*, run: TrainingRun, output_dir: Path,
                      checkpoint_dir: Path) -> tuple[Path | None, list[dict[str, Any]], list[str]]:
     """The checkpoint this attempt resumes from (None: from the start), and the metrics history and log lines
@@ -366,8 +416,10 @@ def _attempt_prepare(*, run: TrainingRun, output_dir: Path,
     if run.attempts <= 1:
         # Checkpoints under a new run's id can only be another database's (one reset under the same folder).
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        if run.eval_count == 0:
+        if run.eval_count == 0 and run.kind != TrainingRun.Kind.RLHF:
             _attempt_log(run, log_lines, _no_eval_message(run))
+        if run.kind == TrainingRun.Kind.DPO and run.reward_model_id is None:
+            _attempt_log(run, log_lines, NO_JUDGE_MESSAGE)
         return None, history, log_lines
     checkpoint = latest_checkpoint(checkpoint_dir)
     if checkpoint_dir.is_dir():
@@ -696,7 +748,7 @@ def reward_model_deploy(*, reward_model: RewardModel, deployed_by: AbstractBaseU
 
 # --- rerank traffic -------------------------------------------------------------------------------------
 
-_RERANK_COUNTED = ("requests", "cache_hits", "errors", "latency_ms_sum", *RERANK_LATENCY_FIELDS)
+_RERANK_COUNTED = ("requests", "cache_hits", "errors", "rejected", "latency_ms_sum", *RERANK_LATENCY_FIELDS)
 
 
 def rerank_latency_bucket(latency_ms: float) -> str:
@@ -718,17 +770,21 @@ def _rerank_upsert_sql() -> str:
 
 
 def rerank_usage_record(*, project: Project, latency_ms: float, cached: bool = False, error: bool = False,
-                        at: datetime | None = None) -> bool:
-    """Count one rerank request in its project's row for the minute. An error counts as a request and an error
-    only; an answered request adds its latency and, when `cached`, a cache hit.
+                        rejected: bool = False, at: datetime | None = None) -> bool:
+    """Count one rerank request in its project's row for the minute. A server error (`error`, a 5xx) counts as a
+    request and an error only, a request refused for the caller's input (`rejected`, a 4xx) as a request and a
+    rejection only: the dashboard tells the service's failures from its callers' mistakes. An answered request
+    adds its latency and, when `cached`, a cache hit.
 
     With PREFLAB["RERANK_USAGE_FLUSH_SECONDS"] > 0 the counts gather in this process and a background thread adds
     them to the rows every that many seconds (one statement per project and minute); otherwise this request
     writes its own. Returns False when a write made here failed. It is logged and swallowed: the request being
     answered must never fail because its statistics could not be written."""
     minute = (at or timezone.now()).astimezone(UTC).replace(second=0, microsecond=0)
-    bucket = None if error else rerank_latency_bucket(latency_ms)
-    counts = (1, int(cached and not error), int(error), 0.0 if error else float(latency_ms),
+    rejected = rejected and not error
+    answered = not (error or rejected)
+    bucket = rerank_latency_bucket(latency_ms) if answered else None
+    counts = (1, int(cached and answered), int(error), int(rejected), float(latency_ms) if answered else 0.0,
               *(int(name == bucket) for name in RERANK_LATENCY_FIELDS))
     if float(settings.PREFLAB["RERANK_USAGE_FLUSH_SECONDS"]) > 0:
         rerank_usage_buffer.add(project_id=project.pk, minute=minute, counts=counts)

@@ -1,4 +1,4 @@
-"""API routes of training runs, the reward-model registry, reranking and rerank keys, mounted under /api/v1/."""
+"""API routes of training runs, the model registry, reranking and rerank keys, mounted under /api/v1/."""
 from django.urls import path
 
 from rewards import apis, apis_generate, apis_rerank
@@ -13,6 +13,7 @@ urlpatterns = [
     path("reward-models/register/", apis.RewardModelRegisterApi.as_view(), name="reward-model-register"),
     path("reward-models/<int:reward_model_id>/deploy/", apis.RewardModelDeployApi.as_view(),
          name="reward-model-deploy"),
+    path("policies/", apis.PolicyListApi.as_view(), name="policy-list"),
     path("rerank/", apis_rerank.RerankApi.as_view(), name="rerank"),
     path("generate/", apis_generate.GenerateApi.as_view(), name="generate"),
     path("projects/<slug:slug>/api-keys/", apis_rerank.ApiKeyListCreateApi.as_view(), name="api-key-list"),

@@ -2,6 +2,7 @@
 the checkpoints a run resumes from."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,39 @@ class TrainingResult:
     eval_pairs: int
     shortened_pairs: int = 0
     extra: dict = field(default_factory=dict)
+
+
+# Names of the models shipped with Preflab (see rewards.embedded), by the rewards.embedded function that gives
+# their folder.
+EMBEDDED_BASE_MODELS = {"minilm": "minilm_path", "all-minilm-l6-v2": "minilm_path",
+                        "smollm2": "smollm2_path", "smollm2-135m-instruct": "smollm2_path"}
+
+
+def base_model_check(base_model: str | Path | None) -> None:
+    """Raise HyperparameterError (field `base_model`) unless it is blank (the recipe's default), an embedded
+    model's name or a local folder with a config.json. Nothing is loaded or built, so a submission can check
+    it; models are never downloaded, so a hub id is refused here rather than failing in the worker."""
+    name = "" if base_model is None else str(base_model).strip()
+    if not name or name.lower() in EMBEDDED_BASE_MODELS:
+        return
+    if not (Path(name) / "config.json").is_file():
+        raise HyperparameterError(
+            "base_model", f"{name} is neither an embedded model ({', '.join(sorted(EMBEDDED_BASE_MODELS))}) nor a "
+                          "local model folder with a config.json; models are not downloaded.")
+
+
+def resolve_base_model(base_model: str | Path | None, *, default: Callable[[], Path]) -> Path:
+    """The local folder of a base model that passes base_model_check: `default()` when blank, the embedded
+    model's folder (built on first use) for its name, else the folder itself."""
+    from rewards import embedded
+
+    base_model_check(base_model)
+    name = "" if base_model is None else str(base_model).strip()
+    if not name:
+        return Path(default())
+    if name.lower() in EMBEDDED_BASE_MODELS:
+        return Path(getattr(embedded, EMBEDDED_BASE_MODELS[name.lower()])())
+    return Path(name)
 
 
 def pick_device() -> str:

@@ -20,6 +20,7 @@ from rewards.training.common import (
     checkpoint_arguments,
     pick_device,
 )
+from rewards.training.common import resolve_base_model as common_resolve_base_model
 from rewards.training.data import EncodedText, PreferenceExample, RewardEncoder, RewardFormat
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _LORA_FIELDS = frozenset(LORA_DEFAULTS)
 TUNABLE_FIELDS = frozenset(_RULES) | frozenset(_CHOICES) | {"lora_target_modules"}
 
-EMBEDDED_BASE_MODELS = {"minilm": "minilm_path", "all-minilm-l6-v2": "minilm_path",
-                        "smollm2": "smollm2_path", "smollm2-135m-instruct": "smollm2_path"}
-
 
 def _check_value(name: str, value: Any) -> Any:
     if name in _CHOICES:
@@ -170,15 +168,7 @@ def resolve_base_model(base_model: str | Path | None) -> Path:
     """A local model folder: None or an embedded name ('minilm', 'smollm2'), or a path."""
     from rewards import embedded
 
-    if base_model is None or str(base_model).strip() == "":
-        return embedded.minilm_path()
-    name = str(base_model).strip()
-    if name.lower() in EMBEDDED_BASE_MODELS:
-        return getattr(embedded, EMBEDDED_BASE_MODELS[name.lower()])()
-    path = Path(name)
-    if not (path / "config.json").exists():
-        raise HyperparameterError("base_model", f"{name} is neither an embedded model nor a local model folder.")
-    return path
+    return common_resolve_base_model(base_model, default=embedded.minilm_path)
 
 
 def _json_safe(value: Any) -> Any:

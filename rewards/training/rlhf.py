@@ -123,11 +123,16 @@ def reward_function(scorer: Any, *, batch_size: int) -> Any:
     return reward_model
 
 
+def heldout_count(prompts: int, *, heldout: int) -> int:
+    """How many of `prompts` prompts split_prompts holds out: up to `heldout`, never more than half."""
+    return min(heldout, prompts // 2)
+
+
 def split_prompts(prompts: Sequence[Prompt], *, heldout: int, seed: int) -> tuple[list[Prompt], list[Prompt]]:
     """(train, held-out): up to `heldout` prompts, never more than half, are set aside at random (seeded)."""
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
-    count = min(heldout, len(prompts) // 2)
+    count = heldout_count(len(prompts), heldout=heldout)
     held = set(order[:count])
     train = [prompt for index, prompt in enumerate(prompts) if index not in held]
     return train, [prompts[index] for index in sorted(held)]

@@ -40,18 +40,19 @@ def _bearer(key: str) -> APIClient:
     return client
 
 
-def _minute_row(project, minute: datetime, *, errors: int = 0, cache_hits: int = 0, latency_ms_sum: float = 0.0,
-                **buckets: int) -> RerankMinute:
+def _minute_row(project, minute: datetime, *, errors: int = 0, rejected: int = 0, cache_hits: int = 0,
+                latency_ms_sum: float = 0.0, **buckets: int) -> RerankMinute:
     answered = sum(buckets.values())
-    return RerankMinute.objects.create(project=project, minute=minute, requests=answered + errors, errors=errors,
-                                       cache_hits=cache_hits, latency_ms_sum=latency_ms_sum, **buckets)
+    return RerankMinute.objects.create(project=project, minute=minute, requests=answered + errors + rejected,
+                                       errors=errors, rejected=rejected, cache_hits=cache_hits,
+                                       latency_ms_sum=latency_ms_sum, **buckets)
 
 
 def _known_rows(project, current_minute: datetime, *, earlier_minutes: int = 59) -> None:
-    """105 requests in the window: 5 errors, 100 answered (40 from the cache); of the answered, 40 took at most
-    5 ms, 50 took 100-200 ms, 9 took 500-1000 ms and 1 took 2-5 s. Rows outside the window or of another
-    project must not count."""
-    _minute_row(project, current_minute, errors=2, cache_hits=25, latency_ms_sum=3000.0,
+    """109 requests in the window: 5 errors, 4 rejected, 100 answered (40 from the cache); of the answered, 40
+    took at most 5 ms, 50 took 100-200 ms, 9 took 500-1000 ms and 1 took 2-5 s. Rows outside the window or of
+    another project must not count."""
+    _minute_row(project, current_minute, errors=2, rejected=4, cache_hits=25, latency_ms_sum=3000.0,
                 latency_le_5ms=25, latency_le_200ms=30, latency_le_1000ms=5)
     _minute_row(project, current_minute - timedelta(minutes=earlier_minutes), errors=3, cache_hits=15,
                 latency_ms_sum=2000.0, latency_le_5ms=15, latency_le_200ms=20, latency_le_1000ms=4,
@@ -168,12 +169,12 @@ def test_a_failed_flush_keeps_its_counts_for_the_next(project, monkeypatch, sett
     buffer._owner_pid = os.getpid()  # no writer thread: this test flushes by hand
     minute = NOW.replace(second=0)
     answered = [int(name == "latency_le_2ms") for name in RERANK_LATENCY_FIELDS]
-    buffer.add(project_id=project.pk, minute=minute, counts=(1, 1, 0, 2.0, *answered))
+    buffer.add(project_id=project.pk, minute=minute, counts=(1, 1, 0, 0, 2.0, *answered))
     sql = services._rerank_upsert_sql
     monkeypatch.setattr(services, "_rerank_upsert_sql", lambda: "INSERT INTO no_such_table VALUES (%s)")
     assert buffer.flush() is False
     assert list(buffer.pending()) == [(project.pk, minute)]
-    buffer.add(project_id=project.pk, minute=minute, counts=(1, 0, 1, 0.0, *([0] * len(RERANK_LATENCY_FIELDS))))
+    buffer.add(project_id=project.pk, minute=minute, counts=(1, 0, 1, 0, 0.0, *([0] * len(RERANK_LATENCY_FIELDS))))
     monkeypatch.setattr(services, "_rerank_upsert_sql", sql)
     assert buffer.flush() is True and buffer.pending() == {}
     row = RerankMinute.objects.get(project=project)
@@ -192,7 +193,8 @@ def test_a_rerank_request_is_counted_through_the_buffer(project, manager, monkey
     assert response.status_code == 400
     assert not RerankMinute.objects.exists()
     assert buffer.flush() is True
-    assert RerankMinute.objects.get(project=project).errors == 1
+    row = RerankMinute.objects.get(project=project)
+    assert (row.requests, row.rejected, row.errors) == (1, 1, 0)
 
 
 # --- statistics from known rows ------------------------------------------------------------------------
@@ -204,23 +206,25 @@ def test_rerank_usage_from_known_rows(project):
     _known_rows(project, current)
     usage = rerank_usage(project=project, now=NOW)
     assert usage["start"] == current - timedelta(minutes=59) and usage["end"] == current + timedelta(minutes=1)
-    assert (usage["requests"], usage["errors"], usage["answered"], usage["cache_hits"]) == (105, 5, 100, 40)
-    assert usage["requests_per_minute"] == pytest.approx(105 / 60)
-    assert usage["peak_requests_per_minute"] == 62
+    assert (usage["requests"], usage["errors"], usage["rejected"], usage["answered"], usage["cache_hits"]) == (
+        109, 5, 4, 100, 40)
+    assert usage["requests_per_minute"] == pytest.approx(109 / 60)
+    assert usage["peak_requests_per_minute"] == 66
     assert usage["cache_hit_rate"] == pytest.approx(0.4)
-    assert usage["error_rate"] == pytest.approx(5 / 105)
+    assert usage["error_rate"] == pytest.approx(5 / 109) and usage["rejected_rate"] == pytest.approx(4 / 109)
     assert usage["latency_ms"] == {"mean": pytest.approx(50.0), "p50": pytest.approx(120.0),
                                    "p95": pytest.approx(500 + 500 * 5 / 9), "p99": pytest.approx(1000.0)}
     assert sum(bucket["requests"] for bucket in usage["latency_buckets"]) == 100
     assert usage["latency_buckets"][-1] == {"le_ms": None, "requests": 0}
     series = usage["series"]
     assert len(series) == 60 and series[0]["minute"] == current - timedelta(minutes=59)
-    assert series[0] == {"minute": current - timedelta(minutes=59), "requests": 43, "cache_hits": 15, "errors": 3}
-    assert series[-1] == {"minute": current, "requests": 62, "cache_hits": 25, "errors": 2}
+    assert series[0] == {"minute": current - timedelta(minutes=59), "requests": 43, "cache_hits": 15, "errors": 3,
+                         "rejected": 0}
+    assert series[-1] == {"minute": current, "requests": 66, "cache_hits": 25, "errors": 2, "rejected": 4}
     assert all(point["requests"] == 0 for point in series[1:-1])
 
     short = rerank_usage(project=project, minutes=1, now=NOW)
-    assert (short["requests"], short["latency_ms"]["p50"]) == (62, pytest.approx(100 + 100 * 5 / 30))
+    assert (short["requests"], short["latency_ms"]["p50"]) == (66, pytest.approx(100 + 100 * 5 / 30))
     empty = rerank_usage(project=ProjectFactory(), now=NOW)
     assert empty["requests"] == 0 and empty["cache_hit_rate"] is None and empty["latency_ms"]["p99"] is None
 
@@ -253,10 +257,11 @@ def test_rerank_requests_are_counted_miss_hit_and_error(project, reranking, monk
     assert usage["latency_ms"]["mean"] == pytest.approx(
         (first.json()["timing_ms"] + second.json()["timing_ms"]) / 2, rel=1e-3)
 
-    # A bad request with the project's key counts as an error of that project.
+    # A bad request with the project's key counts against that project, as rejected (the caller's doing) and
+    # not as an error of the service.
     assert reranking.post(RERANK_URL, {**body, "candidates": []}, format="json").status_code == 400
     usage = rerank_usage(project=project)
-    assert (usage["requests"], usage["errors"], usage["answered"]) == (3, 1, 2)
+    assert (usage["requests"], usage["rejected"], usage["errors"], usage["answered"]) == (3, 1, 0, 2)
 
     # When the statistics cannot be written the request is answered all the same.
     monkeypatch.setattr(services, "_rerank_upsert_sql", lambda: "INSERT INTO no_such_table VALUES (%s)")
@@ -272,13 +277,13 @@ def test_the_project_page_shows_the_rerank_numbers(project, manager):
     # Rows 30 minutes apart stay in the window even if a minute turns over during the test.
     _known_rows(project, timezone.now().replace(second=0, microsecond=0), earlier_minutes=30)
     html = _client(manager).get(f"/dashboard/{project.slug}/").content.decode()
-    assert _stat(html, "rerank-requests") == "105"
-    assert _stat(html, "rerank-per-minute") == "1.75"
+    assert _stat(html, "rerank-requests") == "109"
+    assert _stat(html, "rerank-per-minute") == "1.82"
     assert _stat(html, "rerank-p50") == "120.0"
     assert _stat(html, "rerank-p95") == "777.8"
     assert _stat(html, "rerank-p99") == "1000.0"
     assert _stat(html, "rerank-hit-rate") == "0.400"
-    assert _stat(html, "rerank-errors") == "5"
+    assert _stat(html, "rerank-errors") == "5" and _stat(html, "rerank-rejected") == "4"
     assert 'id="chart-rerank"' in html and f'data-rerank-url="/dashboard/{project.slug}/rerank.json"' in html
     table = re.search(r'<table class="data" id="table-rerank">(.*?)</table>', html, re.S).group(1)
     assert table.count("<tr>") == 61  # the header and one row per minute
@@ -289,7 +294,7 @@ def test_the_rerank_json_is_the_selector_output(project, manager):
     _known_rows(project, timezone.now().replace(second=0, microsecond=0), earlier_minutes=30)
     client = _client(manager)
     data = client.get(f"/dashboard/{project.slug}/rerank.json").json()
-    assert (data["requests"], data["cache_hits"], data["errors"]) == (105, 40, 5)
+    assert (data["requests"], data["cache_hits"], data["errors"], data["rejected"]) == (109, 40, 5, 4)
     assert data["latency_ms"]["p50"] == pytest.approx(120.0) and len(data["series"]) == 60
     assert len(client.get(f"/dashboard/{project.slug}/rerank.json?minutes=5").json()["series"]) == 5
     for bad in ("0", "100000", "soon"):

@@ -148,6 +148,8 @@ def world(db, settings, model_dirs, monkeypatch, tmp_path) -> World:
         "path": [str(model_dirs["reward"]), str(model_dirs["policy"])],
         "prompt": prompts,
         "hyperparameters": [{"max_steps": 1, "max_length": 64}, {"learning_rate": -1}, {}],
+        # A generated base model is almost never a model folder (a 400); these are accepted.
+        "base_model": ["", "minilm", str(model_dirs["reward"])],
         "password": ["correct-horse-battery"],
         "candidates": [["Boil it for eight minutes.", "no idea"], ['{"answer": "red"}', "Red.", ""]],
         "constraints": [None, {"max_chars": 40}, {"json": True}],
@@ -285,6 +287,7 @@ def test_every_operation_as_every_role_answers_as_documented(world, fresh_caches
     ("get", "/api/v1/training-runs/?project=fu%00zz", None, "project"),
     ("get", "/api/v1/training-runs/?status=sleeping", None, "status"),
     ("get", "/api/v1/reward-models/?project=fu%00zz", None, "project"),
+    ("get", "/api/v1/policies/?project=fu%00zz", None, "project"),
     ("post", "/api/v1/projects/fuzz/pairs/", {"prompt": "Hi?", "response_a": "a", "response_b": "b",
                                                "model_a": "m" * 201}, "model_a"),
     ("post", "/api/v1/projects/create/", {"name": "Create", "slug": "create"}, "slug"),

@@ -169,6 +169,7 @@ API_ROWS = [
     _api("GET", "reward-models/?project={p}", api(200, "member")),
     _api("POST", "reward-models/register/", api(201, "manager"), {"project": "{p}", "path": "{model_dir}"}),
     _api("POST", "reward-models/{rm}/deploy/", api(200, "manager")),
+    _api("GET", "policies/?project={p}", api(200, "member")),
     _api("POST", "rerank/", api(200, "rerank"), RERANK_BODY),
     _api("POST", "generate/", api(200, "rerank"),
          {"project": "{p}", "prompt": "Say hi.", "policy": "{policy}", "n": 2, "max_new_tokens": 2, "seed": 1,

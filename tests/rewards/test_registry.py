@@ -7,6 +7,7 @@ import pytest
 from django.core.management import call_command
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from rest_framework.test import APIClient
 from transformers import BertConfig, BertForSequenceClassification
 
 from labeling.errors import DomainError
@@ -133,3 +134,36 @@ def test_register_command_prints_the_new_version(project, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["version"] == 1 and out["deployed"] is True
     assert RewardModel.objects.get(project=project).is_deployed
+
+
+# --- policies -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_policy_list_api_shows_the_project_versions_newest_first_with_permissions(project, manager, labeler,
+                                                                                  outsider, admin_user):
+    from rewards.models import Policy, TrainingRun
+    from tests.rewards.factories import TrainingRunFactory
+
+    run = TrainingRunFactory(project=project, kind=TrainingRun.Kind.RLHF, status=TrainingRun.Status.SUCCEEDED,
+                             finished_at=timezone.now())
+    first = Policy.objects.create(project=project, version=1, kind=Policy.Kind.DPO, artifact_path="/p/1",
+                                  base_model="tiny-llama")
+    second = Policy.objects.create(project=project, version=2, kind=Policy.Kind.RLHF, artifact_path="/p/2",
+                                   training_run=run, metrics={"reward_gain": 0.5})
+    Policy.objects.create(project=ProjectFactory(), version=1, kind=Policy.Kind.DPO, artifact_path="/p/other")
+
+    url = "/api/v1/policies/"
+    listed = client_for(labeler).get(url, {"project": project.slug})
+    assert listed.status_code == 200
+    assert [(p["id"], p["version"], p["kind"]) for p in listed.json()] == [(second.pk, 2, "rlhf"),
+                                                                           (first.pk, 1, "dpo")]
+    assert listed.json()[0] == {
+        "id": second.pk, "project": project.slug, "kind": "rlhf", "version": 2, "training_run": run.pk,
+        "artifact_path": "/p/2", "base_model": "", "metrics": {"reward_gain": 0.5}, "lineage": {},
+        "is_deployed": False, "deployed_at": None, "created_at": listed.json()[0]["created_at"]}
+    assert client_for(manager).get(url, {"project": project.slug}).status_code == 200
+    assert client_for(admin_user).get(url, {"project": project.slug}).status_code == 200
+    assert client_for(outsider).get(url, {"project": project.slug}).status_code == 404
+    assert client_for(manager).get(url).json()["error"]["field"] == "project"
+    assert APIClient().get(url, {"project": project.slug}).status_code == 401

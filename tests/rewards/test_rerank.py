@@ -218,6 +218,34 @@ def test_bad_constraints_are_400_naming_the_field(project, deployed, rerank_clie
     assert response.json()["error"]["field"] == field
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("schema", [
+    {"$ref": "http://x/y"},
+    {"type": "object", "properties": {"answer": {"$ref": "#/$defs/missing"}}},
+    {"$defs": {"inner": {"$id": "http://example.com/inner.json", "$ref": "other.json"}}, "type": "object"},
+])
+@pytest.mark.parametrize("candidates", [["a", "b"], ["a", "{}"]])
+def test_a_json_schema_reference_that_cannot_be_resolved_is_a_400_whatever_the_candidates(
+        project, deployed, rerank_client, schema, candidates):
+    # Whether a candidate parses as JSON used to decide whether the schema's references were ever looked at.
+    response = rerank_client.post(URL, {"project": project.slug, "prompt": PROMPT, "candidates": candidates,
+                                        "constraints": {"json_schema": schema}}, format="json")
+    assert response.status_code == 400, response.json()
+    error = response.json()["error"]
+    assert error["field"] == "constraints.json_schema" and "cannot be resolved" in error["message"]
+
+
+@pytest.mark.django_db
+def test_json_schema_references_inside_the_schema_resolve(project, deployed, rerank_client):
+    schema = {"$defs": {"answer": {"type": "integer"}}, "type": "object",
+              "properties": {"answer": {"$ref": "#/$defs/answer"}, "note": {"enum": [{"$ref": "not a reference"}]}}}
+    response = rerank_client.post(URL, {"project": project.slug, "prompt": PROMPT,
+                                        "candidates": ['{"answer": 4}', '{"answer": "four"}'],
+                                        "constraints": {"json_schema": schema}}, format="json")
+    assert response.status_code == 200, response.json()
+    assert [row["passed"] for row in response.json()["results"]] == [True, False]
+
+
 # --- limits and bad input -------------------------------------------------------------------------------
 
 
@@ -429,3 +457,35 @@ def test_the_deployed_version_is_kept_per_process_and_a_deployment_replaces_it_a
     assert _post(rerank_client, project).json()["model"]["id"] == second.pk
     reward_model_deploy(reward_model=first)
     assert _post(rerank_client, project).json()["model"]["id"] == first.pk
+
+
+# --- traffic counted for the dashboard --------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_client_errors_are_counted_as_rejected_and_server_errors_as_errors(project, deployed, rerank_client,
+                                                                          monkeypatch):
+    from django.db.models import Sum
+
+    from rewards.models import RerankMinute
+    from rewards.selectors import rerank_usage
+
+    assert _post(rerank_client, project).status_code == 200
+    assert _post(rerank_client, project, constraints={"regex": "(unclosed"}).status_code == 400
+    assert _post(rerank_client, project, model=999_999).status_code == 404
+
+    def unloadable(**kwargs):
+        raise OSError("the files are gone")
+
+    monkeypatch.setattr(serving.pool, "get", unloadable)
+    assert _post(rerank_client, project, top_k=1).status_code == 503
+
+    usage = rerank_usage(project=project)
+    assert (usage["requests"], usage["answered"], usage["rejected"], usage["errors"]) == (4, 1, 2, 1)
+    assert usage["error_rate"] == pytest.approx(1 / 4) and usage["rejected_rate"] == pytest.approx(2 / 4)
+    assert sum(point["rejected"] for point in usage["series"]) == 2
+    assert sum(bucket["requests"] for bucket in usage["latency_buckets"]) == 1  # only the answered one
+    # Summed: the minute may turn over between the requests.
+    totals = RerankMinute.objects.filter(project=project).aggregate(
+        requests=Sum("requests"), rejected=Sum("rejected"), errors=Sum("errors"), cache_hits=Sum("cache_hits"))
+    assert totals == {"requests": 4, "rejected": 2, "errors": 1, "cache_hits": 0}

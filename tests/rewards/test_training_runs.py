@@ -67,6 +67,30 @@ def test_a_bad_hyperparameter_is_a_400_naming_the_field(project, manager):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["reward", "dpo"])
+@pytest.mark.parametrize("base_model", ["/etc", "some/hub-model"])
+def test_a_base_model_that_is_no_local_model_is_a_400_naming_it(project, manager, kind, base_model):
+    labeled_pairs(project, count=4)
+    response = client_for(manager).post(URL, {"project": project.slug, "kind": kind, "base_model": base_model},
+                                        format="json")
+    assert response.status_code == 400, response.json()
+    error = response.json()["error"]
+    assert error["field"] == "base_model" and error["code"] == "invalid_base_model"
+    assert base_model in error["message"] and "not downloaded" in error["message"]
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_embedded_names_and_model_folders_are_accepted_as_base_models(project, tmp_path):
+    from tests.rewards.tiny import tiny_reward_model
+
+    labeled_pairs(project, count=4)
+    for base_model in ("", "minilm", " SmolLM2 ", str(tiny_reward_model(tmp_path))):
+        run = services.training_run_start(project=project, kind="reward", base_model=base_model, queue=False)
+        assert run.base_model == base_model.strip()
+
+
+@pytest.mark.django_db
 def test_an_empty_dataset_is_a_400(project, manager):
     tie = PairFactory(project=project)
     ImportedComparisonFactory(pair=tie, choice=Comparison.Choice.TIE)
@@ -117,6 +141,29 @@ def test_list_shows_only_runs_of_visible_projects_with_filters(project, manager,
     assert client.get(URL, {"status": "bogus"}).status_code == 400
     assert client_for(outsider).get(URL).json()["results"] == []
     assert client_for(outsider).get(URL, {"project": project.slug}).status_code == 404
+
+
+@pytest.mark.django_db
+def test_a_run_names_the_model_it_registered_as_produced(project, manager):
+    from rewards.models import Policy
+    from tests.rewards.factories import RewardModelFactory
+
+    judge = RewardModelFactory(project=project, version=1)
+    reward_run = TrainingRunFactory(project=project, status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now())
+    produced = RewardModelFactory(project=project, version=2, training_run=reward_run)
+    dpo_run = TrainingRunFactory(project=project, kind=TrainingRun.Kind.DPO, status=TrainingRun.Status.SUCCEEDED,
+                                 finished_at=timezone.now(), reward_model=judge)
+    policy = Policy.objects.create(project=project, version=1, kind=Policy.Kind.DPO, training_run=dpo_run,
+                                   artifact_path="/nonexistent/policy")
+    queued = TrainingRunFactory(project=project)
+    client = client_for(manager)
+    runs = {run["id"]: run for run in client.get(URL, {"project": project.slug}).json()["results"]}
+    assert runs[reward_run.pk]["produced"] == {"type": "reward_model", "id": produced.pk, "version": 2}
+    assert runs[reward_run.pk]["reward_model"] is None
+    assert runs[dpo_run.pk]["produced"] == {"type": "policy", "id": policy.pk, "version": 1}
+    assert runs[dpo_run.pk]["reward_model"] == judge.pk  # what it was judged by, not what it made
+    assert runs[queued.pk]["produced"] is None
+    assert client.get(f"{URL}{dpo_run.pk}/").json()["produced"] == {"type": "policy", "id": policy.pk, "version": 1}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -173,6 +220,28 @@ def test_execute_fails_the_run_when_its_labels_changed(project):
     run = services.training_run_execute(run_id=run.pk, worker="w@h")
     assert run.status == TrainingRun.Status.FAILED and "changed" in run.error
     assert run.started_at is not None and run.finished_at is not None and run.worker_hostname == "w@h"
+
+
+@pytest.mark.django_db
+def test_a_base_model_folder_gone_before_the_run_starts_fails_it_with_the_reason_and_no_traceback(
+        project, tmp_path, settings, caplog):
+    import shutil
+
+    from tests.rewards.tiny import tiny_reward_model
+
+    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    labeled_pairs(project, count=4)
+    base = tiny_reward_model(tmp_path / "base")
+    run = services.training_run_start(project=project, kind="reward", base_model=str(base), hyperparameters=TINY,
+                                      queue=False)
+    shutil.rmtree(base)
+    with caplog.at_level("INFO", logger="rewards.services"):
+        run = services.training_run_execute(run_id=run.pk, worker="w@h")
+    assert run.status == TrainingRun.Status.FAILED and run.finished_at is not None
+    assert run.error.startswith(f"base_model: {base} is neither an embedded model")
+    assert "Traceback" not in run.log_tail
+    warnings = [record for record in caplog.records if record.name == "rewards.services" and record.levelno > 20]
+    assert [(record.levelname, record.exc_info) for record in warnings] == [("WARNING", None)]
 
 
 @pytest.mark.django_db
@@ -296,6 +365,8 @@ def test_a_reward_model_trains_end_to_end_through_the_worker(project, manager, t
     assert model.lineage["dataset_hash"] == run.dataset_hash and model.base_model == str(base)
     detail = client_for(manager).get(f"{URL}{run.pk}/").json()
     assert detail["status"] == "succeeded" and detail["progress"]["step"] == 3
+    assert detail["produced"] == {"type": "reward_model", "id": model.pk, "version": 1}
+    assert detail["reward_model"] is None
 
 
 def _causal_params_changed(artifact: str, base) -> bool:
@@ -328,6 +399,11 @@ def test_dpo_trains_end_to_end_through_the_worker_and_registers_a_policy(project
     assert _causal_params_changed(run.artifact_path, base)
     policy = Policy.objects.get(training_run=run)
     assert policy.kind == "dpo" and policy.version == 1 and policy.artifact_path == run.artifact_path
+    # No reward model is deployed in the project, so there is no judge for the win rate: the log says so.
+    assert run.reward_model_id is None and "win_rate_vs_base" not in run.eval_metrics
+    assert services.NO_JUDGE_MESSAGE in run.log_tail
+    detail = client_for(manager).get(f"{URL}{run.pk}/").json()
+    assert detail["produced"] == {"type": "policy", "id": policy.pk, "version": 1}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -350,6 +426,7 @@ def test_rlhf_trains_end_to_end_through_the_worker_with_the_deployed_reward_mode
     assert run.status == TrainingRun.Status.SUCCEEDED, run.error + run.log_tail
     assert run.reward_model_id == reward.pk
     assert {"reward_before", "reward_after", "kl_to_base"} <= set(run.eval_metrics)
+    assert "no prompts held out" not in run.log_tail
     assert _causal_params_changed(run.artifact_path, base)
     assert Policy.objects.get(training_run=run).kind == "rlhf"
 
@@ -386,15 +463,21 @@ def test_train_command_with_wait_trains_in_the_foreground(project, tmp_path, set
     labeled_pairs(project, count=4)
     call_command("train", "--project", project.slug, "--kind", "reward", "--base-model",
                  str(tiny_reward_model(tmp_path / "base")), "--max-steps", "2", "--batch-size", "2",
-                 "--max-length", "64", "--learning-rate", "0.001", "--wait")
+                 "--max-length", "64", "--learning-rate", "0.001", "--hyperparameters", '{"logging_steps": 1}',
+                 "--wait")
     captured = capsys.readouterr()
-    result = json.loads(captured.out.strip().splitlines()[-1])
+    # The contract: stdout is the one JSON line; the trainer's log dicts ({'loss': ...}) go to stderr.
+    assert captured.out.endswith("\n") and len(captured.out.splitlines()) == 1, captured.out
+    result = json.loads(captured.out)
     run = TrainingRun.objects.get(pk=result["run"])
     assert result["status"] == "succeeded" == run.status
     assert result["artifact"] == run.artifact_path and result["eval_metrics"] == run.eval_metrics
     assert run.hyperparameters["per_device_train_batch_size"] == 2 and run.hyperparameters["learning_rate"] == 0.001
     assert run.worker_hostname.startswith("cli@") and "training" in captured.err
-    assert RewardModel.objects.filter(training_run=run, version=1).exists()
+    assert "'loss'" in captured.err
+    model = RewardModel.objects.get(training_run=run)
+    assert model.version == 1
+    assert result["produced"] == {"type": "reward_model", "id": model.pk, "version": 1}
 
 
 @pytest.mark.django_db
@@ -422,6 +505,30 @@ def test_a_run_with_nothing_held_out_says_why_in_its_log(project, tmp_path, sett
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(("count", "heldout", "reason"), [
+    (1, 8, "no prompts held out: at most half of the distinct prompts are held out and the run has one"),
+    (2, 0, "no prompts held out (heldout_prompts is 0)"),
+])
+def test_an_rlhf_run_with_no_prompt_held_out_says_why_in_its_log(project, tmp_path, settings, count, heldout,
+                                                                 reason):
+    from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model
+
+    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    services.reward_model_register(project=project, path=tiny_reward_model(tmp_path / "reward"), deploy=True)
+    labeled_pairs(project, count=count)
+    run = services.training_run_start(
+        project=project, kind="rlhf", base_model=str(tiny_causal_lm(tmp_path / "policy")), eval_fraction=0.0,
+        hyperparameters={"max_steps": 1, "max_completion_length": 4, "num_generations": 2,
+                         "per_device_train_batch_size": 2, "heldout_prompts": heldout}, queue=False)
+    run = services.training_run_execute(run_id=run.pk)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    assert not {"reward_before", "reward_after", "kl_to_base"} & set(run.eval_metrics)
+    assert reason in run.log_tail and "reports no reward_before, reward_after or kl_to_base" in run.log_tail
+    # RLHF holds out prompts of its own, so the pairs' eval split is not what the log talks about.
+    assert "no pairs held out" not in run.log_tail
+
+
+@pytest.mark.django_db
 def test_train_command_reports_bad_input_as_an_error(project):
     from django.core.management import CommandError, call_command
 
@@ -430,4 +537,8 @@ def test_train_command_reports_bad_input_as_an_error(project):
         call_command("train", "--project", project.slug, "--learning-rate", "-1", "--wait")
     with pytest.raises(CommandError, match="No project"):
         call_command("train", "--project", "nope")
+    with pytest.raises(CommandError, match=r"/etc is neither an embedded model .*\(base_model\)$"):
+        call_command("train", "--project", project.slug, "--base-model", "/etc", "--wait")
+    with pytest.raises(CommandError, match=r"\(base_model\)$"):
+        call_command("train", "--project", project.slug, "--base-model", "some/hub-model")
     assert not TrainingRun.objects.exists()

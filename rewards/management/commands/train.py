@@ -1,6 +1,7 @@
 """`manage.py train`: start a training run for a project, queued for a worker or (--wait) in the foreground."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -10,6 +11,7 @@ from labeling.errors import DomainError
 from labeling.models import Project
 from rewards.models import TrainingRun
 from rewards.progress import TqdmProgressCallback
+from rewards.selectors import training_run_produced
 from rewards.services import training_run_execute, training_run_start
 
 # Command-line options and the TRL config fields they set.
@@ -19,8 +21,8 @@ OPTION_FIELDS = {"epochs": "num_train_epochs", "max_length": "max_length", "batc
 
 class Command(BaseCommand):
     help = ("Train a reward model (or a DPO/RLHF policy) on a project's labels. Without --wait the run is queued "
-            "for a worker; with --wait it trains here, shows a progress bar on stderr and prints one JSON object "
-            "(run, status, artifact, eval metrics) on the last line of stdout.")
+            "for a worker; with --wait it trains here, shows a progress bar and the training logs on stderr and "
+            "prints one JSON object (run, status, artifact, the registered model, eval metrics) on stdout.")
 
     def add_arguments(self, parser):
         parser.add_argument("--project", required=True, help="Project slug.")
@@ -60,9 +62,13 @@ class Command(BaseCommand):
         self.stderr.write(f"training run {run.pk}: {run.pair_count} pairs ({run.train_count} train, "
                           f"{run.eval_count} eval), dataset {run.dataset_hash[:12]}")
         if options["wait"]:
-            run = training_run_execute(run_id=run.pk, worker=f"cli@{socket.gethostname()}",
-                                       callbacks=[TqdmProgressCallback(stream=self.stderr._out)])
+            # transformers' PrinterCallback and TRL print their log dicts with print(): sent to stderr with the
+            # progress bar, so that stdout carries only the JSON line (self.stdout holds the real stdout).
+            with contextlib.redirect_stdout(self.stderr._out):
+                run = training_run_execute(run_id=run.pk, worker=f"cli@{socket.gethostname()}",
+                                           callbacks=[TqdmProgressCallback(stream=self.stderr._out)])
         self.stdout.write(json.dumps({"run": run.pk, "status": run.status, "artifact": run.artifact_path or None,
+                                      "produced": training_run_produced(run=run),
                                       "eval_metrics": run.eval_metrics, "error": run.error or None}))
         if run.status == TrainingRun.Status.FAILED:
             raise CommandError(f"training run {run.pk} failed: {run.error}")

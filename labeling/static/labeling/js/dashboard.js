@@ -107,7 +107,7 @@
         data: {
           labels: data.series.map(function (p) { return p.minute.slice(11, 16); }),
           datasets: [line("Requests", "requests", PALETTE[0]), line("Cache hits", "cache_hits", PALETTE[2]),
-                     line("Errors", "errors", PALETTE[1])]
+                     line("Errors", "errors", PALETTE[1]), line("Rejected", "rejected", PALETTE[3])]
         },
         options: {scales: {y: {beginAtZero: true, ticks: {precision: 0}}}}
       });
