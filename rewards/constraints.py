@@ -66,6 +66,8 @@ def _schema_walk(value: Any) -> None:
 
 # Keywords whose values are instances, not schemas: a "$ref" key inside them is data, not a reference.
 _INSTANCE_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+# Keywords whose values map names to schemas: a name there ("enum", say) is a property's, not a keyword.
+_SCHEMA_MAP_KEYWORDS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 _REFERENCE_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
 
 
@@ -99,7 +101,10 @@ def _schema_refs_check(validator_class: Any, schema: dict) -> None:
                                           "(references must point inside the schema; nothing is fetched).",
                                           field=_field("json_schema")) from exc
             for key, item in value.items():
-                if key not in _INSTANCE_KEYWORDS:
+                if key in _SCHEMA_MAP_KEYWORDS and isinstance(item, dict):
+                    for subschema in item.values():
+                        walk(resolver, subschema)
+                elif key not in _INSTANCE_KEYWORDS:
                     walk(resolver, item)
 
     walk(root, schema)

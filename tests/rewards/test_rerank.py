@@ -223,6 +223,8 @@ def test_bad_constraints_are_400_naming_the_field(project, deployed, rerank_clie
     {"$ref": "http://x/y"},
     {"type": "object", "properties": {"answer": {"$ref": "#/$defs/missing"}}},
     {"$defs": {"inner": {"$id": "http://example.com/inner.json", "$ref": "other.json"}}, "type": "object"},
+    # A property may be named like a keyword whose value is data: its schema is a schema all the same.
+    {"type": "object", "properties": {"enum": {"$ref": "http://x/y"}}},
 ])
 @pytest.mark.parametrize("candidates", [["a", "b"], ["a", "{}"]])
 def test_a_json_schema_reference_that_cannot_be_resolved_is_a_400_whatever_the_candidates(
