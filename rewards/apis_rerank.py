@@ -152,6 +152,14 @@ class RerankApi(APIView):
         cached = serializers.BooleanField()
         timing_ms = serializers.FloatField()
 
+    def throttled(self, request, wait):
+        # Refused before the view runs: counted as rejected against the key's project, so the dashboard shows a
+        # caller held back by the rate limit.
+        token = request_token(request)
+        if token is not None and token.scope != ApiToken.Scope.USER and token.project is not None:
+            rerank_usage_record(project=token.project, latency_ms=0.0, rejected=True)
+        super().throttled(request, wait)
+
     @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
     def post(self, request):
         started = time.perf_counter()

@@ -14,6 +14,7 @@ from labeling.services import api_token_create
 from rewards import serving
 from rewards.apis_rerank import RerankThrottle
 from rewards.scoring import RewardScorer, rerank_order
+from rewards.selectors import rerank_usage
 from rewards.services import reward_model_register
 from rewards.training.data import RewardEncoder, RewardFormat
 from tests.conftest import client_for
@@ -316,6 +317,9 @@ def test_rerank_is_throttled_per_key(project, deployed, rerank_client, settings)
     limited = _post(rerank_client, project)
     assert limited.status_code == 429
     assert limited.json()["error"]["code"] == "throttled"
+    # The dashboard counts the refusal against the key's project, as the caller's doing.
+    usage = rerank_usage(project=project)
+    assert (usage["requests"], usage["answered"], usage["rejected"], usage["errors"]) == (3, 2, 1, 0)
     # Another key has its own allowance.
     manager = UserFactory()
     Membership.objects.create(project=project, user=manager, role=Membership.Role.MANAGER)
