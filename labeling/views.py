@@ -10,7 +10,7 @@ from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.exceptions import NON_FIELD_ERRORS
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.utils.cache import patch_vary_headers
+from django.utils.cache import add_never_cache_headers, patch_vary_headers
 from django.views import View
 
 from labeling import selectors, services
@@ -88,6 +88,8 @@ def _label_response(request: HttpRequest, *, project: Project, status: int = 200
     template = "labeling/_panel.html" if _is_htmx(request) else "labeling/label.html"
     response = render(request, template, context, status=status)
     patch_vary_headers(response, ["HX-Request"])
+    # Back and Forward must not show a pair answered since: the browser asks again.
+    add_never_cache_headers(response)
     return response
 
 
@@ -128,7 +130,10 @@ class LabelSubmitView(LoginRequiredMixin, View):
         form = self.InputForm(request.POST)
         if not form.is_valid():
             field, message = _first_form_error(form)
-            values = {key: form.cleaned_data.get(key) for key in ("pair", "rationale", "flags", "strength")}
+            # What the labeler typed comes back as sent: a field that failed is missing from cleaned_data.
+            values = {"pair": form.cleaned_data.get("pair"), "rationale": request.POST.get("rationale", ""),
+                      "flags": [flag for flag in request.POST.getlist("flags") if flag in Comparison.Flag.values],
+                      "strength": form.cleaned_data.get("strength")}
             return _label_response(request, project=project, status=400, error=message, error_field=field,
                                    values=values)
         data = form.cleaned_data

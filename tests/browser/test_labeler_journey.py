@@ -93,3 +93,25 @@ def test_a_script_in_a_response_shows_as_text_and_never_runs(page, shot, live_se
     assert page.evaluate("typeof window.__pwned") == "undefined"
     # Nothing in the rendered panel is a script element built from the model's text.
     assert page.locator("#label-panel script").count() == 0
+
+
+def test_back_after_an_answer_shows_the_current_pair_not_the_answered_one(page, shot, live_server):
+    project = ProjectFactory()
+    for index in range(3):
+        PairFactory(project=project, response_a__text=f"A{index}", response_b__text=f"B{index}")
+    user = _labeler_on(project)
+    label_path = f"/projects/{project.slug}/label/"
+
+    login(page, shot, username=user.username, next_path=label_path)
+    pair_field = page.locator("#label-form input[name=pair]")
+    answered = pair_field.get_attribute("value")
+    page.keyboard.press("1")
+    expect(page.locator("p.notice")).to_have_text("Saved.")
+    current = pair_field.get_attribute("value")
+    assert current != answered
+    page.goto("/")
+    page.go_back()
+    # The page comes from the server again, not from the browser's memory of the answered pair.
+    expect(pair_field).to_have_value(current)
+    expect(page.locator("#progress-mine")).to_have_attribute("value", "1")
+    shot("back-shows-current-pair")

@@ -300,3 +300,46 @@ def test_a_pair_id_too_large_for_the_database_is_a_form_error(labeler, action):
     # The labeler keeps the pair they hold.
     assert pair.response_a.text in response.content.decode()
     assert not Comparison.objects.exists() and not Lease.objects.get(labeler=labeler).skipped
+
+
+@pytest.mark.django_db
+def test_a_rationale_refused_as_too_long_comes_back_as_typed_with_the_flags(labeler):
+    project = labeler.projects.get()
+    pair = PairFactory(project=project)
+    _lease(project, labeler, swapped=False)
+    typed = "Why: " + "x" * 10_000
+    response = _client(labeler).post(f"{_label_url(project)}submit/",
+                                     {"pair": pair.pk, "choice": "left", "rationale": typed, "flags": ["unsafe"]},
+                                     **HTMX)
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "rationale" in html and f">{typed}</textarea>" in html
+    assert 'value="unsafe" checked' in html
+    assert not Comparison.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_labeling_pages_are_never_kept_by_the_browser(labeler):
+    # Back or Forward would otherwise show a pair answered since, and a progress count gone stale.
+    project = labeler.projects.get()
+    PairFactory(project=project)
+    client = _client(labeler)
+    for response in (client.get(_label_url(project)), client.get(_label_url(project), **HTMX),
+                     client.post(f"{_label_url(project)}submit/", {"pair": 0, "choice": "left"}, **HTMX)):
+        assert "no-store" in response["Cache-Control"], response.status_code
+
+
+@pytest.mark.django_db
+def test_a_labeler_refused_a_dashboard_page_sees_the_sites_page_with_a_way_back(labeler):
+    response = _client(labeler).get("/dashboard/")
+    assert response.status_code == 403
+    html = response.content.decode()
+    assert "<h1>Not allowed</h1>" in html and 'href="/"' in html and "Log out" in html
+    assert 'href="/dashboard/"' not in html
+
+
+@pytest.mark.django_db
+def test_admins_get_a_link_to_the_dashboard_and_labelers_do_not(labeler):
+    admin = UserFactory(is_staff=True, is_superuser=True)
+    assert 'href="/dashboard/">Dashboard</a>' in _client(admin).get("/").content.decode()
+    assert 'href="/dashboard/"' not in _client(labeler).get("/").content.decode()

@@ -93,8 +93,15 @@
     announce("The server failed (" + event.detail.xhr.status + "). Your answer was not saved; please try again.");
   });
 
-  // A page restored from the back/forward cache is shown anew.
-  window.addEventListener("pageshow", resetTimer);
+  // A page restored from the back/forward cache shows a pair that may have been answered since: ask the server
+  // for the labeler's current one (the page is also sent with no-store, so most browsers never keep it).
+  window.addEventListener("pageshow", function (event) {
+    if (event.persisted) {
+      window.location.reload();
+      return;
+    }
+    resetTimer();
+  });
   document.addEventListener("DOMContentLoaded", function () {
     if (document.getElementById("panel-error")) focusPanel();
   });
