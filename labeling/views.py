@@ -45,9 +45,10 @@ def id_form_field() -> forms.IntegerField:
 
 
 def _first_form_error(form: forms.Form) -> tuple[str | None, str]:
+    """The first invalid field (None for a form-wide error) and its message; the pages show the field beside the
+    message ("Not saved (rationale): ..."), so the message does not repeat it."""
     for field, errors in form.errors.items():
-        name = None if field == NON_FIELD_ERRORS else field
-        return name, f"{name}: {errors[0]}" if name else errors[0]
+        return (None if field == NON_FIELD_ERRORS else field), errors[0]
     return None, "The form is not valid."
 
 

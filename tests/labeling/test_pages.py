@@ -191,7 +191,9 @@ def test_invalid_form_input_names_the_field(labeler):
     _lease(project, labeler, swapped=False)
     response = _client(labeler).post(f"{_label_url(project)}submit/", {"pair": pair.pk, "choice": "up"}, **HTMX)
     assert response.status_code == 400
-    assert "choice: Select a valid choice." in response.content.decode()
+    # The field is named once, beside the message.
+    html = response.content.decode()
+    assert "Not saved (choice):</strong> Select a valid choice." in html and "choice: Select" not in html
     assert not Comparison.objects.exists()
 
 
@@ -296,7 +298,7 @@ def test_a_pair_id_too_large_for_the_database_is_a_form_error(labeler, action):
     response = _client(labeler).post(f"{_label_url(project)}{action}/",
                                      {"pair": 99999999999999999999999, "choice": "left"}, **HTMX)
     assert response.status_code == 400
-    assert f"pair: Ensure this value is less than or equal to {2**63 - 1}." in response.content.decode()
+    assert f"(pair):</strong> Ensure this value is less than or equal to {2**63 - 1}." in response.content.decode()
     # The labeler keeps the pair they hold.
     assert pair.response_a.text in response.content.decode()
     assert not Comparison.objects.exists() and not Lease.objects.get(labeler=labeler).skipped
