@@ -117,35 +117,69 @@ class TrainingRunStartView(LoginRequiredMixin, View):
             message = f"{field}: {exc.message}" if field else exc.message
             return _training_page(request, project, status=exc.status_code, error=message, error_field=field,
                                   values=values)
-        messages.success(request, f"Run {run.pk} was queued.")
+        # No flash message: the run page says "queued" itself, and only while the run is (see _run_live.html).
         return redirect("training:run", run_id=run.pk)
 
 
+def _bucket_lower_bound(bucket: str) -> float:
+    """Prompt-length buckets are named "0-63", "64-127", ..., "512+"; a JSONB column does not keep their order."""
+    head = bucket.split("-")[0].rstrip("+")
+    return int(head) if head.isdigit() else float("inf")
+
+
+def _eval_tables(eval_metrics: dict[str, Any]) -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
+    """The run's evaluation metrics as (name, value) rows, and eval_by_length (the reward recipe's
+    {bucket: {"pairs": n, "accuracy": a}}) as rows of its own table, shortest prompts first."""
+    by_length = eval_metrics.get("eval_by_length")
+    scalars = sorted((name, value) for name, value in eval_metrics.items()
+                     if not (name == "eval_by_length" and isinstance(by_length, dict)))
+    rows = []
+    if isinstance(by_length, dict):
+        for bucket in sorted(by_length, key=_bucket_lower_bound):
+            entry = by_length[bucket] if isinstance(by_length[bucket], dict) else {}
+            rows.append({"bucket": bucket, "pairs": entry.get("pairs"), "accuracy": entry.get("accuracy")})
+    return scalars, rows
+
+
+def _latest_metrics(run: TrainingRun) -> dict[str, Any] | None:
+    """The last logged history entry with a step, without the step and epoch it names."""
+    for entry in reversed(run.metrics_history or []):
+        if isinstance(entry, dict) and isinstance(entry.get("step"), (int, float)):
+            values = sorted((name, format(value, ".4g")) for name, value in entry.items()
+                            if name not in ("step", "epoch") and isinstance(value, (int, float))
+                            and not isinstance(value, bool))
+            return {"step": entry["step"], "metrics": values}
+    return None
+
+
 def _run_context(run: TrainingRun) -> dict[str, Any]:
+    """Everything the polled part of the run page shows; the page and the fragment render the same context."""
     registered = RewardModel.objects.filter(training_run=run).first()
+    eval_metrics, eval_by_length = _eval_tables(run.eval_metrics or {})
     return {
         "run": run,
         "active": run.status in (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING),
         "registered": registered,
         "deployable": registered is not None and not registered.is_deployed,
+        "hyperparameters": sorted(run.hyperparameters.items()),
+        "eval_metrics": eval_metrics,
+        "eval_by_length": eval_by_length,
+        "latest": _latest_metrics(run),
+        "curves": selectors.training_run_curves(run=run),
     }
 
 
 class RunPageView(LoginRequiredMixin, View):
     def get(self, request: HttpRequest, run_id: int) -> HttpResponse:
-        run = _managed_run(request, run_id)
-        context = _run_context(run)
-        context["hyperparameters"] = sorted(run.hyperparameters.items())
-        context["eval_metrics"] = sorted(run.eval_metrics.items())
-        context["curves"] = selectors.training_run_curves(run=run)
-        return render(request, "rewards/run.html", context)
+        return render(request, "rewards/run.html", _run_context(_managed_run(request, run_id)))
 
 
 class RunStatusView(LoginRequiredMixin, View):
-    """The run's status block alone, polled by htmx until the run finishes."""
+    """The changing part of the run page (status, curves, evaluation, log), polled by htmx until the run ends;
+    the fragment of an ended run carries no trigger, so the polling stops there."""
 
     def get(self, request: HttpRequest, run_id: int) -> HttpResponse:
-        response = render(request, "rewards/_run_status.html", _run_context(_managed_run(request, run_id)))
+        response = render(request, "rewards/_run_live.html", _run_context(_managed_run(request, run_id)))
         patch_vary_headers(response, ["HX-Request"])
         return response
 

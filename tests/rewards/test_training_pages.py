@@ -2,6 +2,7 @@
 curves, cancel and deploy buttons, and the curves selector."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -148,6 +149,66 @@ def test_run_page_shows_curves_metrics_and_log(project, manager):
     assert "<th scope=\"row\">eval_loss</th><td class=\"num\">0.6</td>" in page
     assert "step 2 loss 0.52" in page
     assert "Cancel run" not in page and "hx-trigger" not in page
+
+
+@pytest.mark.django_db
+def test_polled_fragment_of_a_running_run_brings_new_curves_and_log_lines(project, manager):
+    run = TrainingRunFactory(project=project, status=TrainingRun.Status.RUNNING, started_at=timezone.now(),
+                             step=1, total_steps=4,
+                             metrics_history=HISTORY[:1], log_tail="step 1 loss 0.69")
+    client = _client(manager)
+    page = client.get(f"/dashboard/runs/{run.pk}/").content.decode()
+    assert f'id="run-live" hx-get="/dashboard/runs/{run.pk}/status/" hx-trigger="every 2s"' in page
+    assert "step 2 loss 0.52" not in page
+    # The worker logs another step; the next poll carries it without a reload.
+    TrainingRun.objects.filter(pk=run.pk).update(step=2, metrics_history=HISTORY[:2],
+                                                 log_tail="step 1 loss 0.69\nstep 2 loss 0.52")
+    fragment = client.get(f"/dashboard/runs/{run.pk}/status/", HTTP_HX_REQUEST="true").content.decode()
+    assert fragment.lstrip().startswith("<div id=\"run-live\"") and "<html" not in fragment
+    assert 'hx-trigger="every 2s"' in fragment and "step 2 of 4" in fragment
+    assert 'id="chart-loss"' in fragment and "<caption>eval_loss</caption>" in fragment
+    assert '<td class="num">2</td><td class="num">0.5200</td>' in fragment
+    assert "step 2 loss 0.52" in fragment and "Nothing logged yet." not in fragment
+    assert "Last logged</dt><dd>step 2, eval_accuracy 0.75, eval_loss 0.6, loss 0.52" in fragment
+    # The charts are drawn from the same numbers, embedded in the fragment.
+    curves = re.search(r'<script id="run-curves" type="application/json">(.*?)</script>', fragment, re.S)
+    assert curves and json.loads(curves.group(1)) == selectors.training_run_curves(run=TrainingRun.objects.get())
+    assert "Evaluation metrics appear when the run succeeds." in fragment
+
+
+@pytest.mark.django_db
+def test_polled_fragment_of_a_succeeded_run_shows_evaluation_and_stops_polling(project, manager):
+    by_length = {"64-127": {"pairs": 2, "accuracy": 0.5}, "0-63": {"pairs": 6, "accuracy": 0.8333333},
+                 "512+": {"pairs": 1, "accuracy": 1.0}}
+    run = _finished(project, metrics_history=HISTORY, log_tail="done",
+                    eval_metrics={"eval_accuracy": 0.75, "eval_pairs": 9, "eval_by_length": by_length})
+    client = _client(manager)
+    for url in (f"/dashboard/runs/{run.pk}/status/", f"/dashboard/runs/{run.pk}/"):
+        html = client.get(url).content.decode()
+        assert "hx-trigger" not in html and "every 2s" not in html and "hx-get" not in html, url
+        assert "<th scope=\"row\">eval_accuracy</th><td class=\"num\">0.75</td>" in html
+        assert "Evaluation metrics appear" not in html and "{&#x27;" not in html and "eval_by_length</th>" not in html
+        table = re.search(r'<table class="data" id="table-eval-by-length">(.*?)</table>', html, re.S)
+        assert table, url
+        rows = re.findall(r'<tr><th scope="row">([^<]+)</th><td class="num">([^<]+)</td><td class="num">([^<]+)</td>',
+                          table.group(1))
+        assert rows == [("0-63", "6", "0.833"), ("64-127", "2", "0.500"), ("512+", "1", "1.000")], url
+        assert "done" in html and 'id="chart-loss"' in html
+
+
+@pytest.mark.django_db
+def test_queued_notice_shows_only_while_the_run_is_queued(project, manager):
+    run = TrainingRunFactory(project=project)
+    client = _client(manager)
+    assert f"Run {run.pk} was queued." in client.get(f"/dashboard/runs/{run.pk}/").content.decode()
+    assert f"Run {run.pk} was queued." in client.get(f"/dashboard/runs/{run.pk}/status/").content.decode()
+    TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.RUNNING, started_at=timezone.now())
+    for status in (TrainingRun.Status.RUNNING, TrainingRun.Status.SUCCEEDED, TrainingRun.Status.FAILED,
+                   TrainingRun.Status.CANCELLED):
+        finished = None if status == TrainingRun.Status.RUNNING else timezone.now()
+        TrainingRun.objects.filter(pk=run.pk).update(status=status, finished_at=finished)
+        for url in (f"/dashboard/runs/{run.pk}/", f"/dashboard/runs/{run.pk}/status/"):
+            assert "was queued" not in client.get(url).content.decode(), (status, url)
 
 
 @pytest.mark.django_db

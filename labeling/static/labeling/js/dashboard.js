@@ -122,13 +122,52 @@
     });
   }
 
-  function runCharts(container) {
-    getJSON(container.getAttribute("data-metrics-url")).then(function (data) {
-      var options = {scales: {x: {type: "linear", title: {display: true, text: "step"}}}};
-      draw("chart-loss", {type: "line", data: {datasets: seriesDatasets(data.curves.loss)}, options: options});
-      draw("chart-accuracy", {type: "line", data: {datasets: seriesDatasets(data.curves.accuracy)},
-                              options: {scales: {x: options.scales.x, y: {min: 0, max: 1}}}});
-    }).catch(function (error) { console.warn("charts unavailable:", error); });
+  // The run page's charts are drawn from the curves embedded in #run-live, which htmx swaps every 2 s while the
+  // run is queued or running; each swap brings new canvases, so the old charts are destroyed and new ones drawn.
+  // They are drawn after the settle step (0 ms, so before the next paint): htmx settles width, height and style
+  // of elements whose id survives the swap, which would otherwise blank a canvas drawn at afterSwap.
+  function runCharts() {
+    var source = document.getElementById("run-curves");
+    if (!source) { return; }
+    var curves = JSON.parse(source.textContent);
+    var x = {type: "linear", title: {display: true, text: "step"}};
+    draw("chart-loss", {type: "line", data: {datasets: seriesDatasets(curves.loss)}, options: {scales: {x: x}}});
+    draw("chart-accuracy", {type: "line", data: {datasets: seriesDatasets(curves.accuracy)},
+                            options: {scales: {x: x, y: {min: 0, max: 1}}}});
+  }
+
+  // What a swap of #run-live would otherwise reset: which "As tables" are open and where the log is scrolled.
+  var runState = null;
+
+  function runBeforeSwap(event) {
+    var live = event.detail.target;
+    if (!live || live.id !== "run-live" || !event.detail.shouldSwap) { return; }
+    var log = document.getElementById("run-log");
+    runState = {
+      open: Array.prototype.map.call(live.querySelectorAll("details[id][open]"), function (d) { return d.id; }),
+      logTop: log ? log.scrollTop : null,
+      logAtEnd: log ? log.scrollTop + log.clientHeight >= log.scrollHeight - 4 : false
+    };
+    live.querySelectorAll("canvas").forEach(function (canvas) {
+      var chart = window.Chart && window.Chart.getChart(canvas);
+      if (chart) { chart.destroy(); }
+    });
+  }
+
+  function runAfterSettle(event) {
+    if (!event.target || event.target.id !== "run-live") { return; }
+    if (runState) {
+      runState.open.forEach(function (id) {
+        var details = document.getElementById(id);
+        if (details) { details.open = true; }
+      });
+      var log = document.getElementById("run-log");
+      if (log && runState.logTop !== null) {
+        log.scrollTop = runState.logAtEnd ? log.scrollHeight : runState.logTop;
+      }
+      runState = null;
+    }
+    runCharts();
   }
 
   document.addEventListener("DOMContentLoaded", function () {
@@ -137,7 +176,10 @@
     if (project) { projectCharts(project); }
     var rerank = document.getElementById("rerank-charts");
     if (rerank) { rerankChart(rerank); }
-    var run = document.getElementById("run-charts");
-    if (run) { runCharts(run); }
+    if (document.getElementById("run-live")) {
+      runCharts();
+      document.body.addEventListener("htmx:beforeSwap", runBeforeSwap);
+      document.body.addEventListener("htmx:afterSettle", runAfterSettle);
+    }
   });
 })();
