@@ -199,10 +199,10 @@ class RunCancelView(LoginRequiredMixin, View):
         except DomainError as exc:
             messages.error(request, exc.message)
         else:
+            # A running run stops at its next logging step: the page's own fragment says so while it runs, and no
+            # longer once it has stopped (a flash message would outlive it).
             if run.status == TrainingRun.Status.CANCELLED:
                 messages.success(request, f"Run {run.pk} was cancelled.")
-            else:
-                messages.success(request, f"Run {run.pk} will stop at its next logging step.")
         return redirect("training:run", run_id=run.pk)
 
 

@@ -273,3 +273,17 @@ def test_deploy_errors_are_shown_and_labelers_are_refused(project, manager, labe
     assert "was not deployed" in response.content.decode() and "are gone" in response.content.decode()
     assert _client(labeler).post(f"/dashboard/reward-models/{gone.pk}/deploy/").status_code == 403
     assert not RewardModel.objects.filter(is_deployed=True).exists()
+
+
+@pytest.mark.django_db
+def test_cancelling_a_running_run_is_said_by_the_run_page_only_while_it_still_runs(project, manager):
+    run = TrainingRunFactory(project=project, status=TrainingRun.Status.RUNNING, started_at=timezone.now())
+    client = _client(manager)
+    page = client.post(f"/dashboard/runs/{run.pk}/cancel/", follow=True).content.decode()
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.RUNNING and run.cancel_requested
+    said = f"Cancel requested: run {run.pk} stops at its next logging step."
+    assert page.count(said) == 1
+    # The worker stops it at its next logging step: the page no longer says it will.
+    TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.CANCELLED, finished_at=timezone.now())
+    assert said not in client.get(f"/dashboard/runs/{run.pk}/").content.decode()
