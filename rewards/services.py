@@ -58,6 +58,7 @@ from rewards.training.common import (
     CHECKPOINT_PREFIX,
     HyperparameterError,
     base_model_check,
+    base_model_label,
     checkpoint_step,
     latest_checkpoint,
     resolve_base_model,
@@ -78,6 +79,7 @@ class Recipe:
     validate: Callable[[dict[str, Any]], Any]
     train: Callable[..., Any]
     default_base_model: Callable[[], Any]
+    default_base_name: str
 
 
 def _recipe(kind: str) -> Recipe:
@@ -88,16 +90,17 @@ def _recipe(kind: str) -> Recipe:
         from rewards.training import reward
 
         return Recipe(reward.REWARD_DEFAULTS, reward.validate_reward_hyperparameters, reward.train_reward_model,
-                      embedded.minilm_path)
+                      embedded.minilm_path, "minilm")
     if kind == TrainingRun.Kind.DPO:
         from rewards.training import dpo
 
-        return Recipe(dpo.DPO_DEFAULTS, dpo.validate_dpo_hyperparameters, dpo.train_dpo, embedded.smollm2_path)
+        return Recipe(dpo.DPO_DEFAULTS, dpo.validate_dpo_hyperparameters, dpo.train_dpo, embedded.smollm2_path,
+                      "smollm2")
     if kind == TrainingRun.Kind.RLHF:
         from rewards.training import rlhf
 
         return Recipe(rlhf.RLHF_DEFAULTS, rlhf.validate_rlhf_hyperparameters, rlhf.train_rlhf,
-                      embedded.smollm2_path)
+                      embedded.smollm2_path, "smollm2")
     raise DomainError(f"Unknown training kind '{kind}'; use one of {', '.join(TrainingRun.Kind.values)}.",
                       field="kind")
 
@@ -244,9 +247,10 @@ def training_run_checkpoint_dir(*, run: TrainingRun) -> Path:
     return Path(settings.PREFLAB["ARTIFACTS_DIR"]) / "checkpoints" / str(run.pk)
 
 
-def _lineage(run: TrainingRun, *, base_model: str, result: Any) -> dict[str, Any]:
+def _lineage(run: TrainingRun, *, base_model: str, base_model_path: str, result: Any) -> dict[str, Any]:
     return {
-        "training_run": run.pk, "kind": run.kind, "base_model": base_model, "hyperparameters": run.hyperparameters,
+        "training_run": run.pk, "kind": run.kind, "base_model": base_model, "base_model_path": base_model_path,
+        "hyperparameters": run.hyperparameters,
         "dataset_hash": run.dataset_hash, "export_policy": run.export_policy, "split_seed": run.split_seed,
         "eval_fraction": run.eval_fraction, "pair_count": run.pair_count,
         "train_pairs": getattr(result, "train_pairs", run.train_count),
@@ -367,8 +371,9 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
         shutil.rmtree(output_dir, ignore_errors=True)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return TrainingRun.objects.get(pk=run.pk)
-    run = _training_run_succeed(run=run, result=result, base_model=base_model, history=progress.history,
-                                attempt=attempt)
+    run = _training_run_succeed(run=run, result=result, history=progress.history, attempt=attempt,
+                                base_model=base_model_label(run.base_model, default=recipe.default_base_name),
+                                base_model_path=base_model)
     if run.status == TrainingRun.Status.SUCCEEDED and run.attempts == attempt:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return run
@@ -485,8 +490,8 @@ def _process_alive(pid: int) -> bool:
 
 
 @transaction.atomic
-def _training_run_succeed(*, run: TrainingRun, result: Any, base_model: str, history: list[dict[str, Any]],
-                          attempt: int | None = None) -> TrainingRun:
+def _training_run_succeed(*, run: TrainingRun, result: Any, base_model: str, base_model_path: str,
+                          history: list[dict[str, Any]], attempt: int | None = None) -> TrainingRun:
     Project.objects.select_for_update().filter(pk=run.project_id).first()
     metrics = {key: _json_value(value) for key, value in dict(result.metrics or {}).items()}
     mine = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING)
@@ -504,7 +509,7 @@ def _training_run_succeed(*, run: TrainingRun, result: Any, base_model: str, his
         return run
     fields = {"project": run.project, "training_run": run, "artifact_path": str(result.artifact),
               "base_model": base_model, "metrics": metrics, "created_by": run.created_by,
-              "lineage": {**_lineage(run, base_model=base_model, result=result),
+              "lineage": {**_lineage(run, base_model=base_model, base_model_path=base_model_path, result=result),
                           "extra": _json_dict(getattr(result, "extra", {}) or {})}}
     if run.kind == TrainingRun.Kind.REWARD:
         RewardModel.objects.create(version=_next_version(RewardModel, run.project), **fields)

@@ -41,6 +41,20 @@ EMBEDDED_BASE_MODELS = {"minilm": "minilm_path", "all-minilm-l6-v2": "minilm_pat
                         "smollm2": "smollm2_path", "smollm2-135m-instruct": "smollm2_path"}
 
 
+# The model ids of the embedded models, by the rewards.embedded function that gives their folder.
+EMBEDDED_MODEL_IDS = {"minilm_path": "sentence-transformers/all-MiniLM-L6-v2",
+                      "smollm2_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def base_model_label(base_model: str | Path | None, *, default: str) -> str:
+    """How the registry names a run's base model: an embedded model (blank is the recipe's `default`, an embedded
+    name) by its model id, which means the same on every machine, unlike the folder it was unpacked to; any other
+    base model by the folder as given."""
+    name = ("" if base_model is None else str(base_model).strip()) or default
+    function = EMBEDDED_BASE_MODELS.get(name.lower())
+    return f"{EMBEDDED_MODEL_IDS[function]} (embedded)" if function else name
+
+
 def base_model_check(base_model: str | Path | None) -> None:
     """Raise HyperparameterError (field `base_model`) unless it is blank (the recipe's default), an embedded
     model's name or a local folder with a config.json. Nothing is loaded or built, so a submission can check

@@ -363,6 +363,7 @@ def test_a_reward_model_trains_end_to_end_through_the_worker(project, manager, t
     model = RewardModel.objects.get(training_run=run)
     assert model.version == 1 and model.artifact_path == run.artifact_path and not model.is_deployed
     assert model.lineage["dataset_hash"] == run.dataset_hash and model.base_model == str(base)
+    assert model.lineage["base_model"] == model.lineage["base_model_path"] == str(base)
     detail = client_for(manager).get(f"{URL}{run.pk}/").json()
     assert detail["status"] == "succeeded" and detail["progress"]["step"] == 3
     assert detail["produced"] == {"type": "reward_model", "id": model.pk, "version": 1}
@@ -542,3 +543,16 @@ def test_train_command_reports_bad_input_as_an_error(project):
     with pytest.raises(CommandError, match=r"\(base_model\)$"):
         call_command("train", "--project", project.slug, "--base-model", "some/hub-model")
     assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.parametrize(("base_model", "default", "label"), [
+    ("", "minilm", "sentence-transformers/all-MiniLM-L6-v2 (embedded)"),
+    ("  ", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"),
+    (" SmolLM2 ", "minilm", "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"),
+    ("all-MiniLM-L6-v2", "smollm2", "sentence-transformers/all-MiniLM-L6-v2 (embedded)"),
+    ("/models/my-rm", "minilm", "/models/my-rm"),
+])
+def test_the_registry_names_an_embedded_base_model_by_its_model_id_not_its_folder(base_model, default, label):
+    from rewards.training.common import base_model_label
+
+    assert base_model_label(base_model, default=default) == label
