@@ -5,9 +5,6 @@ import logging
 import time
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.core.exceptions import RequestDataTooBig
-from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAuthenticated
@@ -108,15 +105,6 @@ class _StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
-def _answered_with_4xx(exc: Exception) -> bool:
-    """Whether labeling.errors.exception_handler answers `exc` with a client error: the caller's input, not a
-    failure of the service, so the dashboard counts it apart from the server errors."""
-    if isinstance(exc, (Http404, DjangoPermissionDenied, RequestDataTooBig)):
-        return True
-    status_code = getattr(exc, "status_code", None)  # DomainError and DRF's APIException carry theirs
-    return isinstance(status_code, int) and 400 <= status_code < 500
-
-
 class RerankApi(APIView):
     permission_classes = [IsAuthenticated, ScopedTokenPermission]
     token_scopes = (ApiToken.Scope.RERANK,)
@@ -152,37 +140,43 @@ class RerankApi(APIView):
         cached = serializers.BooleanField()
         timing_ms = serializers.FloatField()
 
-    def throttled(self, request, wait):
-        # Refused before the view runs: counted as rejected against the key's project, so the dashboard shows a
-        # caller held back by the rate limit.
-        token = request_token(request)
-        if token is not None and token.scope != ApiToken.Scope.USER and token.project is not None:
-            rerank_usage_record(project=token.project, latency_ms=0.0, rejected=True)
-        super().throttled(request, wait)
+    # Set once the request names a project it may rerank in; a refusal before that counts against the key's own.
+    project: Project | None = None
+
+    def initial(self, request, *args, **kwargs):
+        self.started = time.perf_counter()
+        super().initial(request, *args, **kwargs)
+
+    def handle_exception(self, exc):
+        """Every refusal (input, project, model, the rate limit) and failure counts on the dashboard, by the status
+        that labeling.errors.exception_handler answered with: a 4xx as rejected (the caller's doing), anything
+        else as an error of the service."""
+        try:
+            response = super().handle_exception(exc)
+        except Exception:
+            self._record_failure(rejected=False)
+            raise
+        self._record_failure(rejected=400 <= response.status_code < 500)
+        return response
+
+    def _record_failure(self, *, rejected: bool) -> None:
+        token = request_token(self.request)
+        project = self.project or (token.project if token is not None and token.scope != ApiToken.Scope.USER
+                                   else None)
+        if project is not None:
+            latency_ms = (time.perf_counter() - getattr(self, "started", time.perf_counter())) * 1000.0
+            rerank_usage_record(project=project, latency_ms=latency_ms, error=not rejected, rejected=rejected)
 
     @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
     def post(self, request):
-        started = time.perf_counter()
-        project = None
-        try:
-            data = self.InputSerializer(data=request.data)
-            data.is_valid(raise_exception=True)
-            fields = data.validated_data
-            project = _project_for_rerank(slug=fields["project"], request=request)
-            body = rerank(project=project, prompt=fields["prompt"], candidates=fields["candidates"],
-                          model=fields["model"], top_k=fields["top_k"], constraints=fields["constraints"])
-        except Exception as exc:
-            # An error is counted against the project once it is known, or against the key's own project.
-            token = request_token(request)
-            project = project or (token.project if token is not None and token.scope != ApiToken.Scope.USER
-                                  else None)
-            if project is not None:
-                rejected = _answered_with_4xx(exc)
-                rerank_usage_record(project=project, latency_ms=(time.perf_counter() - started) * 1000.0,
-                                    error=not rejected, rejected=rejected)
-            raise
-        body["timing_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
-        rerank_usage_record(project=project, latency_ms=body["timing_ms"], cached=body["cached"])
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = data.validated_data
+        self.project = _project_for_rerank(slug=fields["project"], request=request)
+        body = rerank(project=self.project, prompt=fields["prompt"], candidates=fields["candidates"],
+                      model=fields["model"], top_k=fields["top_k"], constraints=fields["constraints"])
+        body["timing_ms"] = round((time.perf_counter() - self.started) * 1000.0, 3)
+        rerank_usage_record(project=self.project, latency_ms=body["timing_ms"], cached=body["cached"])
         return Response(body)
 
 

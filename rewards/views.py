@@ -154,7 +154,11 @@ def _latest_metrics(run: TrainingRun) -> dict[str, Any] | None:
 
 def _run_context(run: TrainingRun) -> dict[str, Any]:
     """Everything the polled part of the run page shows; the page and the fragment render the same context."""
-    registered = RewardModel.objects.filter(training_run=run).first()
+    try:
+        # Joined in by the selector that loaded the run: no query of its own on every poll.
+        registered = run.registered_reward_model
+    except RewardModel.DoesNotExist:
+        registered = None
     eval_metrics, eval_by_length = _eval_tables(run.eval_metrics or {})
     return {
         "run": run,

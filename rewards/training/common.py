@@ -46,11 +46,16 @@ EMBEDDED_MODEL_IDS = {"minilm_path": "sentence-transformers/all-MiniLM-L6-v2",
                       "smollm2_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
+def _base_name(base_model: str | Path | None) -> str:
+    """A base model as a run stores it: blank (the recipe's default), an embedded model's name, or a folder."""
+    return "" if base_model is None else str(base_model).strip()
+
+
 def base_model_label(base_model: str | Path | None, *, default: str) -> str:
     """How the registry names a run's base model: an embedded model (blank is the recipe's `default`, an embedded
     name) by its model id, which means the same on every machine, unlike the folder it was unpacked to; any other
     base model by the folder as given."""
-    name = ("" if base_model is None else str(base_model).strip()) or default
+    name = _base_name(base_model) or default
     function = EMBEDDED_BASE_MODELS.get(name.lower())
     return f"{EMBEDDED_MODEL_IDS[function]} (embedded)" if function else name
 
@@ -59,7 +64,7 @@ def base_model_check(base_model: str | Path | None) -> None:
     """Raise HyperparameterError (field `base_model`) unless it is blank (the recipe's default), an embedded
     model's name or a local folder with a config.json. Nothing is loaded or built, so a submission can check
     it; models are never downloaded, so a hub id is refused here rather than failing in the worker."""
-    name = "" if base_model is None else str(base_model).strip()
+    name = _base_name(base_model)
     if not name or name.lower() in EMBEDDED_BASE_MODELS:
         return
     if not (Path(name) / "config.json").is_file():
@@ -74,7 +79,7 @@ def resolve_base_model(base_model: str | Path | None, *, default: Callable[[], P
     from rewards import embedded
 
     base_model_check(base_model)
-    name = "" if base_model is None else str(base_model).strip()
+    name = _base_name(base_model)
     if not name:
         return Path(default())
     if name.lower() in EMBEDDED_BASE_MODELS:
