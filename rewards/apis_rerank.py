@@ -70,7 +70,7 @@ class RerankThrottle(SimpleRateThrottle):
             pipe.get(previous_key)
             current, _, previous = pipe.execute()
             return int(current), int(previous or 0)
-        # Another cache backend (local memory without Redis): the same counts, not atomic across processes.
+        # Another cache backend (the file cache without Redis): the same counts, shared by the processes but not atomic.
         counts = self.cache.get_many([current_key, previous_key])
         current = counts.get(current_key, 0) + 1
         self.cache.set(current_key, current, 2 * self.duration)

@@ -78,3 +78,39 @@ def test_the_rerank_throttle_counts_in_redis_when_the_cache_is_redis():
     assert (current, previous, again) == (1, 0, 2)
     assert cache.redis_client().ttl(cache.make_key("test-throttle-count:100000")) > 60
     cache.delete("test-throttle-count:100000")
+
+
+EMBEDDED_COUNT = """
+from django.core.cache import caches
+from rewards.apis_rerank import RerankThrottle
+throttle = RerankThrottle()
+throttle.rate = "5/min"
+throttle.num_requests, throttle.duration = throttle.parse_rate(throttle.rate)
+print(type(caches["default"]).__name__, *throttle._count("throttle_rerank_key-1", 120.0))
+"""
+
+
+def test_without_redis_the_processes_of_the_service_share_one_cache(tmp_path):
+    """The embedded default (no REDIS_URL) runs several gunicorn workers: a key's rerank rate and the rerank
+    results must be the same whichever worker a request reaches, so the cache cannot be per process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items()
+           if key not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SETTINGS_MODULE"}}
+    env["PREFLAB_VAR_DIR"] = str(tmp_path)
+
+    def shell(code: str) -> str:
+        result = subprocess.run([sys.executable, "manage.py", "shell", "-v", "0", "-c", code], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    # Two processes count requests of the same key in the same window: the second sees the first's.
+    assert shell(EMBEDDED_COUNT) == "FileBasedCache 1 0"
+    assert shell(EMBEDDED_COUNT) == "FileBasedCache 2 0"
+    shell("from django.core.cache import cache; cache.set('rerank-result', {'ranking': [1, 0]}, 60)")
+    assert shell("from django.core.cache import cache; print(cache.get('rerank-result'))") == "{'ranking': [1, 0]}"
+    assert (tmp_path / "cache").is_dir()

@@ -64,6 +64,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "labeling.context_processors.navigation",
             ],
         },
     },
@@ -183,13 +184,16 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
-# Cache: Redis when configured (shared by every process), local memory otherwise.
+# Cache: Redis when configured; otherwise files under var/cache. Either way every process of the service shares
+# it: `serve` runs several gunicorn workers, and a per-process cache would give each its own rerank rate limit and
+# its own rerank results (a repeated request missed whenever it reached the other worker).
 if REDIS_URL:
     # Short socket timeouts: callers that can do without the cache (reranking) fall back quickly when Redis hangs.
     CACHES = {"default": {"BACKEND": "config.cache.RedisCache", "LOCATION": REDIS_URL,
                           "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2}}}
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                          "LOCATION": str(VAR_DIR / "cache"), "OPTIONS": {"MAX_ENTRIES": 2000}}}
 
 PREFLAB = {
     # How long a pair handed out by the queue stays reserved for its labeler.

@@ -341,7 +341,11 @@ def test_a_labeler_refused_a_dashboard_page_sees_the_sites_page_with_a_way_back(
 
 
 @pytest.mark.django_db
-def test_admins_get_a_link_to_the_dashboard_and_labelers_do_not(labeler):
+def test_admins_and_managers_get_a_link_to_the_dashboard_and_labelers_do_not(labeler, manager):
     admin = UserFactory(is_staff=True, is_superuser=True)
-    assert 'href="/dashboard/">Dashboard</a>' in _client(admin).get("/").content.decode()
+    for user in (admin, manager):
+        client = _client(user)
+        assert 'href="/dashboard/">Dashboard</a>' in client.get("/").content.decode()
+        assert client.get("/dashboard/").status_code == 200  # the link leads somewhere they may go
     assert 'href="/dashboard/"' not in _client(labeler).get("/").content.decode()
+    assert _client(labeler).get("/dashboard/").status_code == 403
