@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth import authenticate, get_user_model
+from django.contrib.auth import authenticate
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny
@@ -11,8 +11,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from labeling import selectors, services
-from labeling.errors import DomainError, Forbidden, NotFound
-from labeling.models import ID_MAX, ApiToken, Comparison, Lease, Membership, Pair, Project
+from labeling.errors import DomainError, Forbidden
+from labeling.models import ID_MAX, Comparison, Lease, Membership, Pair, Project
 from labeling.serializing import FieldsOnce
 
 
@@ -190,9 +190,7 @@ class MembershipSetApi(APIView):
         project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        user = get_user_model().objects.filter(username=data.validated_data["username"]).first()
-        if user is None:
-            raise NotFound(f"No user named '{data.validated_data['username']}'.", field="username")
+        user = selectors.user_get_by_username(username=data.validated_data["username"])
         membership = services.membership_set(project=project, user=user, role=data.validated_data["role"])
         return Response(MembershipOutput(membership).data)
 
@@ -201,9 +199,7 @@ class MembershipDeleteApi(APIView):
     @extend_schema(parameters=[MEMBER_USERNAME], responses={204: None, **ERRORS, **RESERVED_NAME})
     def delete(self, request, slug: str, username: str):
         project = selectors.project_get_for_user(slug=slug, user=request.user, manage=True)
-        user = get_user_model().objects.filter(username=username).first()
-        if user is None:
-            raise NotFound(f"No user named '{username}'.", field="username")
+        user = selectors.user_get_by_username(username=username)
         services.membership_remove(project=project, user=user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -316,8 +312,5 @@ class ComparisonSubmitApi(APIView):
 class TokenRevokeApi(APIView):
     @extend_schema(responses={204: None, **ERRORS})
     def delete(self, request, prefix: str):
-        token = ApiToken.objects.filter(prefix=prefix, user=request.user, revoked_at__isnull=True).first()
-        if token is None:
-            raise NotFound("No active token with this prefix.", field="prefix")
-        services.api_token_revoke(token=token)
+        services.api_token_revoke(token=selectors.api_token_get_active(user=request.user, prefix=prefix))
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError, transaction
 
 from labeling.errors import DomainError
-from labeling.models import Comparison, Pair, Project, Prompt, Response, content_hash
+from labeling.models import UNSTORABLE, Comparison, Pair, Project, Prompt, Response, content_hash
 
 FORMATS = ("hh", "trl", "candidates")
 BATCH_LINES = 1000
@@ -141,10 +141,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-# NUL and lone surrogates only arrive through \u escapes; PostgreSQL refuses both in text and jsonb.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
+# NUL and lone surrogates (models.UNSTORABLE) only arrive in a line through \u escapes.
 def _decode(raw: bytes, number: int) -> Any:
     if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
@@ -165,7 +162,7 @@ def _decode(raw: bytes, number: int) -> Any:
 
 def _check_storable(value: Any, path: str) -> None:
     if isinstance(value, str):
-        if _UNSTORABLE.search(value):
+        if UNSTORABLE.search(value):
             raise BadLine(f"'{path or 'value'}' contains a NUL character or an unpaired surrogate")
     elif isinstance(value, dict):
         for key, item in value.items():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from django.conf import settings
@@ -13,6 +14,11 @@ from django.db.models.functions import Greatest, Least
 # The largest primary key PostgreSQL's bigint and SQLite's INTEGER hold. Every id a request names is bounded by
 # it, so an id past it is a 400 naming the field rather than a database error (or a 500) on the query.
 ID_MAX = 2**63 - 1
+
+
+# Characters PostgreSQL stores in no text or jsonb column, and refuses even in a query's parameter: NUL, and a lone
+# surrogate (UTF-8 has no encoding for it). Both reach a request only through a "\u" escape or a %00 in a URL.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def content_hash(value: Any) -> str:

@@ -7,13 +7,14 @@ from datetime import datetime, timedelta
 from itertools import groupby
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from labeling import queries
 from labeling.errors import Forbidden, NotFound
-from labeling.models import ApiToken, Comparison, Membership, Pair, Project
+from labeling.models import UNSTORABLE, ApiToken, Comparison, Lease, Membership, Pair, Project
 
 
 def project_list_for_user(*, user: AbstractBaseUser) -> QuerySet[Project]:
@@ -58,8 +59,30 @@ def api_key_list(*, project: Project) -> QuerySet[ApiToken]:
             .order_by("-created_at", "-id"))
 
 
+def _storable(text: str) -> bool:
+    """Whether the database can hold (and so compare) `text`: a name taken from a URL path may carry a NUL as
+    %00, which PostgreSQL refuses in any query rather than matching nothing."""
+    return UNSTORABLE.search(text) is None
+
+
+def user_get_by_username(*, username: str, field: str = "username") -> AbstractBaseUser:
+    user = get_user_model().objects.filter(username=username).first() if _storable(username) else None
+    if user is None:
+        raise NotFound(f"No user named '{username}'.", field=field)
+    return user
+
+
+def api_token_get_active(*, user: AbstractBaseUser, prefix: str) -> ApiToken:
+    """One of the user's own tokens that is not revoked, by its prefix."""
+    token = (ApiToken.objects.filter(prefix=prefix, user=user, revoked_at__isnull=True).first()
+             if _storable(prefix) else None)
+    if token is None:
+        raise NotFound("No active token with this prefix.", field="prefix")
+    return token
+
+
 def api_key_get(*, project: Project, prefix: str) -> ApiToken:
-    token = api_key_list(project=project).filter(prefix=prefix).first()
+    token = api_key_list(project=project).filter(prefix=prefix).first() if _storable(prefix) else None
     if token is None:
         raise NotFound(f"Project '{project.slug}' has no API key starting with '{prefix}'.", field="prefix")
     return token
@@ -150,11 +173,14 @@ def labeler_progress(*, projects: Iterable[Project], user: AbstractBaseUser) -> 
         .values_list("project_id").annotate(n=Count("id")).order_by()
     )
     mine = Comparison.objects.filter(pair=OuterRef("pk"), labeler=user)
+    # A pair the labeler skipped is never offered to them again: counting it would leave "1 left" beside an
+    # empty queue.
+    skipped = Lease.objects.filter(pair=OuterRef("pk"), labeler=user, skipped=True)
     # Gold pairs never close, so counting them would keep the bar short of 100% forever; the labeler's
     # gold answers still count as done.
     remaining = dict(
         Pair.objects.filter(project_id__in=ids, status=Pair.Status.OPEN, gold_choice__isnull=True)
-        .exclude(Exists(mine)).values_list("project_id").annotate(n=Count("id")).order_by()
+        .exclude(Exists(mine)).exclude(Exists(skipped)).values_list("project_id").annotate(n=Count("id")).order_by()
     )
     return {pk: Progress(done=done.get(pk, 0), remaining=remaining.get(pk, 0)) for pk in ids}
 

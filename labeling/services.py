@@ -16,6 +16,7 @@ from django.utils import timezone
 from labeling import queries, selectors
 from labeling.errors import Conflict, DomainError, NotFound
 from labeling.models import (
+    UNSTORABLE,
     ApiToken,
     Choice,
     Comparison,
@@ -79,15 +80,19 @@ def project_create(*, name: str, slug: str, created_by: AbstractBaseUser | None 
 
 @transaction.atomic
 def project_update(*, project: Project, **fields: Any) -> Project:
+    """Change the given settings and only those: the project is re-read under its row lock, so a setting another
+    request changed since `project` was loaded is kept, not written back with the value it had then. Returns the
+    project as stored."""
     allowed = {"name", "guidelines", "labels_per_pair", "allow_tie", "allow_both_bad", "strength_scale", "gold_rate"}
     unknown = set(fields) - allowed
     if unknown:
         raise DomainError(f"Unknown project setting: {sorted(unknown)[0]}.", field=sorted(unknown)[0])
+    project = Project.objects.select_for_update().get(pk=project.pk)
     _validate_project_settings(labels_per_pair=fields.get("labels_per_pair", project.labels_per_pair),
                                gold_rate=fields.get("gold_rate", project.gold_rate))
     for key, value in fields.items():
         setattr(project, key, value)
-    project.save()
+    project.save(update_fields=list(fields))
     if "labels_per_pair" in fields:
         pair_statuses_refresh(project=project)
     return project
@@ -144,10 +149,31 @@ def api_token_revoke(*, token: ApiToken) -> ApiToken:
 # --- prompts, responses, pairs --------------------------------------------------------------------------
 
 
+def unstorable_path(value: Any, path: str) -> str | None:
+    """The path (`prompt[0].content`) of the first string, key or value, of a JSON value that the database
+    cannot store, or None."""
+    if isinstance(value, str):
+        return path if UNSTORABLE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = (unstorable_path(key, path)
+                 or unstorable_path(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"))
+        if found:
+            return found
+    return None
+
+
+def _validate_storable(value: Any, field: str) -> None:
+    where = unstorable_path(value, field)
+    if where:
+        raise DomainError(f"{where} contains a NUL character or an unpaired surrogate.", field=where)
+
+
 def _validate_prompt(content: Any) -> None:
     if isinstance(content, str):
         if not content.strip():
             raise DomainError("The prompt is empty.", field="prompt")
+        _validate_storable(content, "prompt")
         return
     if not isinstance(content, list) or not content:
         raise DomainError("A prompt is a non-empty string or a non-empty list of chat messages.", field="prompt")
@@ -155,6 +181,7 @@ def _validate_prompt(content: Any) -> None:
         if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
                 or not isinstance(message.get("content"), str)):
             raise DomainError(f"Message {index} needs string 'role' and 'content'.", field=f"prompt[{index}]")
+    _validate_storable(content, "prompt")
 
 
 def prompt_get_or_create(*, project: Project, content: Any) -> Prompt:
@@ -168,6 +195,7 @@ def response_get_or_create(*, project: Project, text: str, model_name: str = "",
                            metadata: dict[str, Any] | None = None, field: str = "response") -> Response:
     if not isinstance(text, str) or not text.strip():
         raise DomainError("A response must be a non-empty string.", field=field)
+    _validate_storable(text, field)
     response, _ = Response.objects.get_or_create(
         project=project, content_hash=content_hash(text),
         defaults={"text": text, "model_name": model_name, "metadata": metadata or {}},
@@ -223,11 +251,13 @@ _GRANT = queries.Statement("""
     ON CONFLICT (pair_id, labeler_id) DO UPDATE SET swapped = excluded.swapped, expires_at = excluded.expires_at
     RETURNING id""")
 # A labeler's unexpired lease in the project, renewed and returned in one statement: a page reload gets the same
-# pair back.
-_HELD = queries.Statement("""
-    UPDATE {lease} SET expires_at = %s
-    WHERE id = (SELECT l.id FROM {lease} l JOIN {pair} p ON p.id = l.pair_id
+# pair back. Not on a pair completed meanwhile (the overlap was lowered): its submit is refused, so handing it back
+# would keep the labeler on it until the lease ran out.
+_HELD = queries.Statement(f"""
+    UPDATE {{lease}} SET expires_at = %s
+    WHERE id = (SELECT l.id FROM {{lease}} l JOIN {{pair}} p ON p.id = l.pair_id
                 WHERE l.labeler_id = %s AND p.project_id = %s AND l.expires_at > %s AND NOT l.skipped
+                  AND (p.status = '{Pair.Status.OPEN.value}' OR p.gold_choice IS NOT NULL)
                 ORDER BY l.created_at LIMIT 1)
     RETURNING id, pair_id, swapped""")
 # What the queue may offer this labeler: not labeled or skipped by them. Open pairs also need a free slot (labels

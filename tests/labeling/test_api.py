@@ -1,6 +1,8 @@
 """API of projects, members, pairs and tokens: status codes, bodies and permissions per role."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from django import forms
 from rest_framework import serializers
@@ -287,3 +289,30 @@ def test_every_integer_input_of_the_labeling_views_has_an_upper_bound():
     assert "LabelSkipView.InputForm.pair" in {name for name, _ in fields}
     unbounded = [name for name, field in fields if field.max_value is None]
     assert unbounded == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("prompt", "field"), [
+    ("Hi\u0000there", "prompt"),
+    ("Hi \ud800", "prompt"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\u0000"}], "prompt[1].content"),
+    ([{"role": "us\ud83d", "content": "Hi"}], "prompt[0].role"),
+], ids=["nul", "surrogate", "nul-in-message", "surrogate-in-role"])
+def test_a_prompt_the_database_cannot_store_is_a_400_naming_the_field(project, manager, prompt, field):
+    # json.dumps escapes a lone surrogate as "\ud800", as a client's JSON body carries it.
+    body = json.dumps({"prompt": prompt, "response_a": "One.", "response_b": "Two."})
+    response = client_for(manager).post(f"/api/v1/projects/{project.slug}/pairs/", body,
+                                        content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["field"] == field
+    assert not Pair.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_nul_in_a_username_or_token_prefix_of_the_path_is_a_404_naming_the_field(project, manager, labeler):
+    client = client_for(manager)
+    member = client.delete(f"/api/v1/projects/{project.slug}/members/{labeler.username}%00/")
+    assert member.status_code == 404 and member.json()["error"]["field"] == "username"
+    token = client.delete("/api/v1/auth/tokens/pfl_%00/")
+    assert token.status_code == 404 and token.json()["error"]["field"] == "prefix"
+    assert Membership.objects.filter(project=project, user=labeler).exists()

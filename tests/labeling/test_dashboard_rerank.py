@@ -328,6 +328,8 @@ def test_a_manager_creates_and_revokes_a_key_and_the_revoked_key_gets_401(projec
     row = re.search(rf'<tr data-key="{token.prefix}">(.*?)</tr>', page, re.S).group(1)
     assert "chat product" in row and "active" not in row and "Revoke" not in row
     assert client.post(f"/dashboard/{project.slug}/api-keys/pfl_nosuchkey/revoke/").status_code == 404
+    # A NUL (%00) in the prefix cannot match a key; the database would refuse it in the query.
+    assert client.post(f"/dashboard/{project.slug}/api-keys/{token.prefix}%00/revoke/").status_code == 404
 
 
 @pytest.mark.django_db

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from labeling import services
 from labeling.errors import Conflict, DomainError
-from labeling.models import Comparison, Lease, Membership, Pair
+from labeling.models import Comparison, Lease, Membership, Pair, Project
 from tests.conftest import client_for
 from tests.factories import PairFactory, ProjectFactory, UserFactory
 
@@ -410,3 +410,46 @@ def test_the_database_refuses_a_comparison_filed_under_another_project_than_its_
         # The foreign key on (pair, project) is checked at commit (deferred, like Django's own).
         Comparison.objects.create(pair=pair, project=other, labeler=labeler, choice="a")
     assert not Comparison.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_held_pair_completed_by_a_lower_overlap_is_not_handed_back(db):
+    project = ProjectFactory(labels_per_pair=2)
+    first = PairFactory(project=project, priority=1)
+    second = PairFactory(project=project, priority=0)
+    early, late = _member(project), _member(project)
+    for labeler in (early, late):
+        assert services.pair_next_for_labeler(project=project, labeler=labeler).pair_id == first.pk
+    services.comparison_submit(labeler=early, pair_id=first.pk, choice="left")
+    # The manager lowers the overlap: the one label `first` has is now all it needs.
+    services.project_update(project=project, labels_per_pair=1)
+    with pytest.raises(Conflict) as refused:
+        services.comparison_submit(labeler=late, pair_id=first.pk, choice="left")
+    assert refused.value.code == "pair_complete"
+    # The queue moves the labeler on instead of handing the completed pair back at every request.
+    assert services.pair_next_for_labeler(project=project, labeler=late).pair_id == second.pk
+
+
+@pytest.mark.django_db
+def test_a_held_gold_pair_is_handed_back_until_answered(db):
+    project = ProjectFactory(gold_rate=1.0)
+    gold = PairFactory(project=project, gold_choice="a")
+    PairFactory(project=project)
+    labeler = _member(project)
+    lease = services.pair_next_for_labeler(project=project, labeler=labeler, rng=random.Random(0))
+    assert lease.pair_id == gold.pk
+    assert services.pair_next_for_labeler(project=project, labeler=labeler).pk == lease.pk
+
+
+@pytest.mark.django_db
+def test_a_settings_update_from_an_older_copy_keeps_what_changed_since(db):
+    project = ProjectFactory(labels_per_pair=1)
+    earlier_copy = Project.objects.get(pk=project.pk)  # e.g. the guidelines page loaded before the change
+    pair = PairFactory(project=project, label_count=1, status=Pair.Status.COMPLETE)
+    services.project_update(project=project, labels_per_pair=3)
+    updated = services.project_update(project=earlier_copy, guidelines="Prefer the shorter answer.")
+    stored = Project.objects.get(pk=project.pk)
+    assert (stored.labels_per_pair, stored.guidelines) == (3, "Prefer the shorter answer.")
+    assert (updated.labels_per_pair, updated.guidelines) == (3, "Prefer the shorter answer.")
+    # The pair reopened for the raised overlap stays open.
+    assert Pair.objects.get(pk=pair.pk).status == Pair.Status.OPEN
