@@ -14,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 
-from rewards.training.data import Messages, prompt_messages
+from rewards.training.data import Messages, chat_template_apply, prompt_messages
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
 
 def _prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        encoded = chat_template_apply(tokenizer, messages, add_generation_prompt=True, tokenize=True)
         # transformers 5 returns a BatchEncoding; older versions a plain list of ids.
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
     text = "\n\n".join(m["content"] for m in messages)
@@ -204,8 +204,13 @@ def sample_candidates(loaded: LoadedPolicy, *, messages: Messages, n: int, tempe
     """N completions of the chat prompt from one batched generate call; returns (texts, tokens generated)."""
     import torch
 
+    from labeling.errors import DomainError
+
     tokenizer, model = loaded.tokenizer, loaded.model
-    ids = _prompt_ids(tokenizer, messages)
+    try:
+        ids = _prompt_ids(tokenizer, messages)
+    except ValueError as exc:  # the policy's chat template refuses the conversation
+        raise DomainError(f"The prompt cannot be given to this policy: {exc}", field="prompt") from exc
     # n copies of the prompt in one batch: every row samples on its own, and greedy decoding (which refuses
     # num_return_sequences > 1) works the same way.
     input_ids = torch.tensor([ids] * n, dtype=torch.long, device=loaded.device)

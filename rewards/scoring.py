@@ -212,15 +212,19 @@ def rerank_order(scores: Sequence[float], reasons: Sequence[Sequence[str]]) -> l
             for rank, index in enumerate(passing + failing, start=1)]
 
 
-def rerank_cache_key(*, reward_model_id: int, prompt: str | Messages, candidates: Sequence[str],
+def rerank_cache_key(*, reward_model: Any, prompt: str | Messages, candidates: Sequence[str],
                      constraints: dict | None, top_k: int | None) -> str:
-    """The cache key of a request: the model version and a SHA-256 of the canonical JSON of its inputs."""
+    """The cache key of a request: the model version and a SHA-256 of the canonical JSON of its inputs.
+
+    The version is named by its id and the moment it was registered: the cache (Redis, or var/cache) can outlive
+    the database, and a version registered after a reset may get an id the cache already holds answers for."""
     import hashlib
 
     canonical = json.dumps({"prompt": prompt, "candidates": list(candidates), "constraints": constraints or {},
                             "top_k": top_k}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-    return f"{RERANK_CACHE_PREFIX}:{reward_model_id}:{digest}"
+    registered = reward_model.created_at.timestamp() if reward_model.created_at else ""
+    return f"{RERANK_CACHE_PREFIX}:{reward_model.pk}:{registered}:{digest}"
 
 
 def _rerank_setting(name: str, default: Any) -> Any:
@@ -300,7 +304,7 @@ def rerank_model_resolve(*, project: Any, model: str | int = "deployed") -> Any:
     from rewards.models import RewardModel
     from rewards.serving import deployments
 
-    fields = ("id", "project_id", "version", "base_model", "artifact_path")
+    fields = ("id", "project_id", "version", "base_model", "artifact_path", "created_at")
     if model == "deployed":
         found = deployments.get(project_id=project.pk, load=lambda: RewardModel.objects.filter(
             project=project, is_deployed=True).only(*fields).first())
@@ -351,12 +355,12 @@ def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model
     """
     from labeling.errors import DomainError, ServiceUnavailable
     from rewards.constraints import constraints_parse
-    from rewards.serving import pool
+    from rewards.serving import ModelUnloaded, pool
 
     _rerank_validate(prompt=prompt, candidates=candidates, top_k=top_k)
     parsed = constraints_parse(constraints)
     reward_model = rerank_model_resolve(project=project, model=model)
-    key = rerank_cache_key(reward_model_id=reward_model.pk, prompt=prompt, candidates=candidates,
+    key = rerank_cache_key(reward_model=reward_model, prompt=prompt, candidates=candidates,
                            constraints=constraints, top_k=top_k)
     hit = _cache_get(key)
     if hit is not None:
@@ -364,19 +368,27 @@ def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model
         return {**hit, "cached": True}
     _count_cache("miss")
 
-    try:
-        served = pool.get(reward_model_id=reward_model.pk, artifact_path=reward_model.artifact_path)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        logger.exception("reward model %s could not be loaded", reward_model.pk)
-        raise ServiceUnavailable(f"Reward model version {reward_model.version} could not be loaded: {exc}",
-                                 field="model") from exc
-    try:
-        raw_scores = served.score(prompt, candidates)
-    except TimeoutError as exc:
-        raise ServiceUnavailable(str(exc), field="model") from exc
-    except ValueError as exc:
-        # The encoder refuses inputs it cannot format (e.g. a chat prompt the template rejects).
-        raise DomainError(f"The inputs cannot be scored by this model: {exc}", field="prompt") from exc
+    # Another request may evict the model from the pool between taking it and scoring with it (more versions in
+    # use than RERANK_MODEL_CACHE_SIZE): it is then loaded again, once.
+    for retries_left in (1, 0):
+        try:
+            served = pool.get(reward_model_id=reward_model.pk, artifact_path=reward_model.artifact_path)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            logger.exception("reward model %s could not be loaded", reward_model.pk)
+            raise ServiceUnavailable(f"Reward model version {reward_model.version} could not be loaded: {exc}",
+                                     field="model") from exc
+        try:
+            raw_scores = served.score(prompt, candidates)
+            break
+        except ModelUnloaded as exc:
+            if not retries_left:
+                raise ServiceUnavailable(f"Reward model version {reward_model.version} was unloaded while "
+                                         "scoring; try again.", field="model") from exc
+        except TimeoutError as exc:
+            raise ServiceUnavailable(str(exc), field="model") from exc
+        except ValueError as exc:
+            # The encoder refuses inputs it cannot format (e.g. a chat prompt the template rejects).
+            raise DomainError(f"The inputs cannot be scored by this model: {exc}", field="prompt") from exc
     scores = [round(float(score), SCORE_DECIMALS) for score in raw_scores]
     reasons = [parsed.check(candidate) for candidate in candidates] if not parsed.empty else [[]] * len(candidates)
     results = rerank_order(scores, reasons)

@@ -556,6 +556,31 @@ def training_run_cancel(*, run: TrainingRun) -> TrainingRun:
                    field="status", code="not_cancellable")
 
 
+def training_run_interrupt(*, run_id: int) -> TrainingRun | None:
+    """Cancel a run that this process was training in the foreground (`train --wait`) when it is interrupted
+    (Ctrl-C). Left as it was, the run would stay `running` until a sweep found its process gone and then queue it
+    again for a worker to resume, training on after its user stopped it; a run still queued would wait for a task
+    that was never published. Only a run queued or running in this very process is changed."""
+    from rewards.progress import LOG_TAIL_LINES
+
+    run = TrainingRun.objects.filter(pk=run_id).first()
+    if run is None:
+        return None
+    message = "interrupted in the foreground (train --wait); cancelled"
+    log_lines = [*(run.log_tail.splitlines() if run.log_tail else []), message][-LOG_TAIL_LINES:]
+    fields = {"status": TrainingRun.Status.CANCELLED, "cancel_requested": True, "finished_at": timezone.now(),
+              "eta_seconds": None, "log_tail": "\n".join(log_lines)}
+    queued = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED)
+    mine = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING, worker_host=_this_host(),
+                                      worker_pid=os.getpid())
+    if queued.update(**fields) or mine.update(**fields):
+        logger.warning("training run %s: %s", run_id, message)
+        shutil.rmtree(training_run_checkpoint_dir(run=run), ignore_errors=True)
+        shutil.rmtree(_output_dir(run), ignore_errors=True)
+    run.refresh_from_db()
+    return run
+
+
 def training_run_fail(*, run_id: int, error: str, details: str = "", attempt: int | None = None) -> TrainingRun | None:
     """Mark an unfinished run failed with the reason (with `attempt`, only while it runs as that attempt) and
     remove its checkpoints; a finished run is left as it is."""

@@ -53,6 +53,11 @@ def _cores() -> int:
 # --- micro-batching --------------------------------------------------------------------------------------
 
 
+class ModelUnloaded(RuntimeError):
+    """The model was evicted from the pool (or the pool cleared) between a request taking it and scoring with it;
+    loading it again and retrying answers the request."""
+
+
 @dataclass
 class _Pending:
     sequences: Sequence[Sequence[int]]
@@ -91,7 +96,7 @@ class MicroBatcher:
         pending = _Pending(sequences=sequences)
         with self._cond:
             if self._stopped:
-                raise RuntimeError("This model was unloaded; retry the request.")
+                raise ModelUnloaded("This model was unloaded; retry the request.")
             self._queue.append(pending)
             self._cond.notify()
         if not pending.done.wait(timeout):

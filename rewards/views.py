@@ -113,9 +113,9 @@ class TrainingRunStartView(LoginRequiredMixin, View):
             run = services.training_run_start(project=project, kind=data["kind"], created_by=request.user,
                                               base_model=data["base_model"], hyperparameters=hyperparameters)
         except DomainError as exc:
+            # The template names the field beside the message ("Not started (field): message").
             field = exc.field.removeprefix("hyperparameters.") if exc.field else None
-            message = f"{field}: {exc.message}" if field else exc.message
-            return _training_page(request, project, status=exc.status_code, error=message, error_field=field,
+            return _training_page(request, project, status=exc.status_code, error=exc.message, error_field=field,
                                   values=values)
         # No flash message: the run page says "queued" itself, and only while the run is (see _run_live.html).
         return redirect("training:run", run_id=run.pk)

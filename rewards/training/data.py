@@ -63,6 +63,18 @@ def split_by_prompt(examples: Sequence[PreferenceExample], *, eval_fraction: flo
     return train, evaluation
 
 
+def chat_template_apply(tokenizer: Any, messages: Messages, **options: Any) -> Any:
+    """The tokenizer's chat template applied to `messages`. Many templates refuse some conversations themselves
+    (a system turn, roles that do not alternate) by raising jinja2's TemplateError, which is not a ValueError;
+    it is raised as one here, so that callers treat it as the bad input it is."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **options)
+    except TemplateError as exc:
+        raise ValueError(f"the model's chat template refuses this conversation: {exc}") from exc
+
+
 def common_prefix_length(first: str, second: str) -> int:
     for index, (a, b) in enumerate(zip(first, second, strict=False)):
         if a != b:
@@ -159,9 +171,9 @@ class RewardEncoder:
         """The text and the character offset where the response part begins."""
         messages = prompt_messages(prompt)
         if self.format.template == TEMPLATE_CHAT:
-            head = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            full = self.tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}],
-                                                      tokenize=False)
+            head = chat_template_apply(self.tokenizer, messages, tokenize=False, add_generation_prompt=True)
+            full = chat_template_apply(self.tokenizer, [*messages, {"role": "assistant", "content": response}],
+                                       tokenize=False)
             return full, common_prefix_length(head, full)
         head = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant: "
         return head + response, len(head)

@@ -124,7 +124,8 @@ POLICY_TRAINING_RULES: dict[str, Rule] = {
     "weight_decay": Rule("float", low=0, high=1.0),
     "max_grad_norm": Rule("float", low=0, low_open=True),
     "num_train_epochs": Rule("float", low=0, low_open=True, high=100),
-    "max_steps": Rule("int", low=-1),
+    # Bounded as the reward recipe bounds it: the run's step and total_steps columns are 32-bit integers.
+    "max_steps": Rule("int", low=-1, high=1_000_000),
     "per_device_train_batch_size": Rule("int", low=1, high=256),
     "gradient_accumulation_steps": Rule("int", low=1, high=1024),
     "gradient_checkpointing": Rule("bool"),

@@ -184,6 +184,26 @@ def test_bad_inputs_are_4xx_naming_the_field(project, policy, deployed, key_clie
 
 
 @pytest.mark.django_db
+def test_a_prompt_the_policys_chat_template_refuses_is_a_400_naming_the_prompt(project, key_client, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.rewards.test_rerank import USER_ASSISTANT_ONLY_TEMPLATE
+
+    folder = tiny_causal_lm(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = USER_ASSISTANT_ONLY_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    strict = Policy.objects.create(project=project, version=1, kind=Policy.Kind.DPO, artifact_path=str(folder))
+
+    refused = _post(key_client, project, strict, rerank=False, n=1,
+                    prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}])
+    assert refused.status_code == 400, refused.content
+    assert refused.json()["error"]["field"] == "prompt"
+    assert "Only user and assistant roles are supported" in refused.json()["error"]["message"]
+    assert _post(key_client, project, strict, rerank=False, n=1).status_code == 200
+
+
+@pytest.mark.django_db
 def test_permissions(project, policy, deployed, key_client):
     other_project = ProjectFactory()
     assert _post(key_client, other_project, policy).status_code == 403

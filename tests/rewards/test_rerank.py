@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from labeling.models import ApiToken, Membership
 from labeling.services import api_token_create
 from rewards import serving
 from rewards.apis_rerank import RerankThrottle
+from rewards.models import RewardModel
 from rewards.scoring import RewardScorer, rerank_order
 from rewards.selectors import rerank_usage
 from rewards.services import reward_model_register
@@ -153,6 +155,18 @@ def test_the_same_request_gives_the_same_body_and_a_cache_hit_does_no_model_work
 
 
 @pytest.mark.django_db
+def test_a_version_registered_again_under_the_same_id_does_not_get_the_cached_answer(
+        project, deployed, rerank_client):
+    # The cache outlives a database reset (Redis, or the file cache of the embedded default): a new version that
+    # gets the same id must not be answered with the old one's scores.
+    first = _post(rerank_client, project).json()
+    assert first["cached"] is False and _post(rerank_client, project).json()["cached"] is True
+    RewardModel.objects.filter(pk=deployed.pk).update(created_at=deployed.created_at + timedelta(seconds=1))
+    serving.deployments.clear()
+    assert _post(rerank_client, project).json()["cached"] is False
+
+
+@pytest.mark.django_db
 def test_reranking_works_when_the_cache_server_is_down(project, deployed, rerank_client, settings):
     settings.CACHES = {"default": {"BACKEND": "config.cache.RedisCache", "LOCATION": "redis://127.0.0.1:9/0"}}
     first = _post(rerank_client, project)
@@ -282,6 +296,30 @@ def test_a_version_of_another_project_is_404(project, deployed, rerank_client, m
     assert _post(rerank_client, project, model=deployed.pk).json()["model"]["id"] == deployed.pk
 
 
+# A chat template as Gemma's and Mistral's are: it refuses a conversation it does not support by raising.
+USER_ASSISTANT_ONLY_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+    "{{ raise_exception('Only user and assistant roles are supported') }}{% endif %}"
+    "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.mark.django_db
+def test_a_prompt_the_models_chat_template_refuses_is_a_400_naming_the_prompt(project, rerank_client, tmp_path):
+    folder = tiny_reward_model(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = USER_ASSISTANT_ONLY_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    reward_model_register(project=project, path=folder, deploy=True)
+
+    refused = _post(rerank_client, project, prompt=[{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": PROMPT}])
+    assert refused.status_code == 400, refused.content
+    assert refused.json()["error"]["field"] == "prompt"
+    assert "Only user and assistant roles are supported" in refused.json()["error"]["message"]
+    assert _post(rerank_client, project, prompt=[{"role": "user", "content": PROMPT}]).status_code == 200
+
+
 @pytest.mark.django_db
 def test_a_project_without_a_deployed_model_is_409(project, rerank_client, model_dirs):
     reward_model_register(project=project, path=model_dirs[0])
@@ -345,6 +383,32 @@ def test_the_throttle_window_slides_and_a_refusal_says_when_to_retry(project, de
 
 
 # --- serving --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_model_evicted_between_taking_and_scoring_it_is_loaded_again(project, rerank_client, model_dirs,
+                                                                        settings, monkeypatch):
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_MODEL_CACHE_SIZE": 1}
+    deployed = reward_model_register(project=project, path=model_dirs[0], deploy=True)
+    other = reward_model_register(project=project, path=model_dirs[1])
+    take = serving.pool.get
+    raced = []
+
+    def take_then_evicted(**kwargs):
+        served = take(**kwargs)
+        if kwargs["reward_model_id"] == deployed.pk and not raced:
+            # Another request loads a second version meanwhile, which evicts this one from a pool of one.
+            raced.append(take(reward_model_id=other.pk, artifact_path=other.artifact_path))
+        return served
+
+    monkeypatch.setattr(serving.pool, "get", take_then_evicted)
+    loads = serving.pool.loads
+    response = _post(rerank_client, project)
+    assert response.status_code == 200, response.content
+    assert response.json()["model"]["id"] == deployed.pk
+    assert serving.pool.loaded_ids() == [deployed.pk] and serving.pool.loads == loads + 3
+    cache.clear()
+    assert _stable(_post(rerank_client, project).json()) == _stable(response.json())
 
 
 @pytest.mark.django_db

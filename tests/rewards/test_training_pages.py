@@ -121,7 +121,10 @@ def test_start_form_errors_name_the_field_and_keep_the_values(project, manager):
 @pytest.mark.django_db
 def test_start_without_training_data_shows_why(project, manager):
     response = _client(manager).post(f"/dashboard/{project.slug}/training/start/", {"kind": "reward"})
-    assert response.status_code == 400 and "no decided pairs" in response.content.decode()
+    page = response.content.decode()
+    assert response.status_code == 400 and "no decided pairs" in page
+    # The field is named once, beside "Not started", not again in front of the message.
+    assert "Not started (project):</strong> Project" in page.replace("&#x27;", "'")
     assert not TrainingRun.objects.exists()
 
 

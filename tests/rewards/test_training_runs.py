@@ -67,6 +67,18 @@ def test_a_bad_hyperparameter_is_a_400_naming_the_field(project, manager):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["reward", "dpo", "rlhf"])
+def test_more_steps_than_a_run_can_record_is_a_400_naming_max_steps(project, manager, kind):
+    # step and total_steps are 32-bit columns: a run accepted with more steps would fail at its first progress write.
+    labeled_pairs(project, count=4)
+    response = client_for(manager).post(URL, {"project": project.slug, "kind": kind,
+                                              "hyperparameters": {"max_steps": 3_000_000_000}}, format="json")
+    assert response.status_code == 400, response.json()
+    assert response.json()["error"]["field"] == "hyperparameters.max_steps"
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize("kind", ["reward", "dpo"])
 @pytest.mark.parametrize("base_model", ["/etc", "some/hub-model"])
 def test_a_base_model_that_is_no_local_model_is_a_400_naming_it(project, manager, kind, base_model):
@@ -527,6 +539,36 @@ def test_an_rlhf_run_with_no_prompt_held_out_says_why_in_its_log(project, tmp_pa
     assert reason in run.log_tail and "reports no reward_before, reward_after or kl_to_base" in run.log_tail
     # RLHF holds out prompts of its own, so the pairs' eval split is not what the log talks about.
     assert "no pairs held out" not in run.log_tail
+
+
+@pytest.mark.django_db
+def test_train_command_interrupted_with_ctrl_c_cancels_the_run_instead_of_leaving_it_running(
+        project, tmp_path, settings, capsys, monkeypatch):
+    import json
+
+    from django.core.management import CommandError, call_command
+
+    from rewards.training import reward
+
+    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    labeled_pairs(project, count=4)
+
+    def interrupted(*, checkpoint_dir, **kwargs):
+        # Stopped with Ctrl-C after the trainer kept a checkpoint, which a sweep would otherwise resume from.
+        (checkpoint_dir / "checkpoint-2").mkdir(parents=True)
+        (checkpoint_dir / "checkpoint-2" / "trainer_state.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reward, "train_reward_model", interrupted)
+    with pytest.raises(CommandError, match="interrupted"):
+        call_command("train", "--project", project.slug, "--wait")
+    run = TrainingRun.objects.get()
+    assert run.status == TrainingRun.Status.CANCELLED and run.finished_at is not None
+    assert "interrupted" in run.log_tail
+    assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
+    assert not services.training_run_checkpoint_dir(run=run).exists()
+    # Nothing left for a sweep to find and hand to a worker.
+    assert services.training_runs_recover_stale(older_than=timedelta(0)) == 0
 
 
 @pytest.mark.django_db

@@ -12,7 +12,7 @@ from labeling.models import Project
 from rewards.models import TrainingRun
 from rewards.progress import TqdmProgressCallback
 from rewards.selectors import training_run_produced
-from rewards.services import training_run_execute, training_run_start
+from rewards.services import training_run_execute, training_run_interrupt, training_run_start
 
 # Command-line options and the TRL config fields they set.
 OPTION_FIELDS = {"epochs": "num_train_epochs", "max_length": "max_length", "batch_size": "per_device_train_batch_size",
@@ -61,14 +61,21 @@ class Command(BaseCommand):
             raise CommandError(f"{exc.message}{where}")
         self.stderr.write(f"training run {run.pk}: {run.pair_count} pairs ({run.train_count} train, "
                           f"{run.eval_count} eval), dataset {run.dataset_hash[:12]}")
+        interrupted = False
         if options["wait"]:
             # transformers' PrinterCallback and TRL print their log dicts with print(): sent to stderr with the
             # progress bar, so that stdout carries only the JSON line (self.stdout holds the real stdout).
-            with contextlib.redirect_stdout(self.stderr._out):
-                run = training_run_execute(run_id=run.pk, worker=f"cli@{socket.gethostname()}",
-                                           callbacks=[TqdmProgressCallback(stream=self.stderr._out)])
+            try:
+                with contextlib.redirect_stdout(self.stderr._out):
+                    run = training_run_execute(run_id=run.pk, worker=f"cli@{socket.gethostname()}",
+                                               callbacks=[TqdmProgressCallback(stream=self.stderr._out)])
+            except KeyboardInterrupt:
+                run = training_run_interrupt(run_id=run.pk) or run
+                interrupted = True
         self.stdout.write(json.dumps({"run": run.pk, "status": run.status, "artifact": run.artifact_path or None,
                                       "produced": training_run_produced(run=run),
                                       "eval_metrics": run.eval_metrics, "error": run.error or None}))
+        if interrupted:
+            raise CommandError(f"training run {run.pk} was interrupted; it is {run.status}.")
         if run.status == TrainingRun.Status.FAILED:
             raise CommandError(f"training run {run.pk} failed: {run.error}")
