@@ -14,7 +14,7 @@ from rewards.services import reward_model_register
 from tests.conftest import client_for
 from tests.factories import ProjectFactory, UserFactory
 from tests.rewards.test_rerank_real import minilm_reward_model
-from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model
+from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model, with_strict_chat_template
 
 URL = "/api/v1/generate/"
 PROMPT = "Write a haiku about eggs."
@@ -185,14 +185,7 @@ def test_bad_inputs_are_4xx_naming_the_field(project, policy, deployed, key_clie
 
 @pytest.mark.django_db
 def test_a_prompt_the_policys_chat_template_refuses_is_a_400_naming_the_prompt(project, key_client, tmp_path):
-    from transformers import AutoTokenizer
-
-    from tests.rewards.test_rerank import USER_ASSISTANT_ONLY_TEMPLATE
-
-    folder = tiny_causal_lm(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = USER_ASSISTANT_ONLY_TEMPLATE
-    tokenizer.save_pretrained(folder)
+    folder = with_strict_chat_template(tiny_causal_lm(tmp_path))
     strict = Policy.objects.create(project=project, version=1, kind=Policy.Kind.DPO, artifact_path=str(folder))
 
     refused = _post(key_client, project, strict, rerank=False, n=1,

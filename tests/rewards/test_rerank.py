@@ -21,7 +21,7 @@ from rewards.services import reward_model_register
 from rewards.training.data import RewardEncoder, RewardFormat
 from tests.conftest import client_for
 from tests.factories import ProjectFactory, UserFactory
-from tests.rewards.tiny import tiny_reward_model
+from tests.rewards.tiny import tiny_reward_model, with_strict_chat_template
 
 URL = "/api/v1/rerank/"
 PROMPT = "How do I boil an egg?"
@@ -296,20 +296,9 @@ def test_a_version_of_another_project_is_404(project, deployed, rerank_client, m
     assert _post(rerank_client, project, model=deployed.pk).json()["model"]["id"] == deployed.pk
 
 
-# A chat template as Gemma's and Mistral's are: it refuses a conversation it does not support by raising.
-USER_ASSISTANT_ONLY_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
-    "{{ raise_exception('Only user and assistant roles are supported') }}{% endif %}"
-    "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
-)
-
-
 @pytest.mark.django_db
 def test_a_prompt_the_models_chat_template_refuses_is_a_400_naming_the_prompt(project, rerank_client, tmp_path):
-    folder = tiny_reward_model(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = USER_ASSISTANT_ONLY_TEMPLATE
-    tokenizer.save_pretrained(folder)
+    folder = with_strict_chat_template(tiny_reward_model(tmp_path))
     reward_model_register(project=project, path=folder, deploy=True)
 
     refused = _post(rerank_client, project, prompt=[{"role": "system", "content": "Be brief."},

@@ -43,3 +43,21 @@ def tiny_causal_lm(tmp_path: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# A chat template as Gemma's and Mistral's are: it refuses a conversation it does not support by raising.
+USER_ASSISTANT_ONLY_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+    "{{ raise_exception('Only user and assistant roles are supported') }}{% endif %}"
+    "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def with_strict_chat_template(folder: Path) -> Path:
+    """The model folder, its tokenizer given USER_ASSISTANT_ONLY_TEMPLATE."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = USER_ASSISTANT_ONLY_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
