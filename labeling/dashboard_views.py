@@ -194,22 +194,29 @@ class ProjectImportView(LoginRequiredMixin, View):
     def post(self, request: HttpRequest, slug: str) -> HttpResponse:
         project = managed_project(request, slug)
         form = ImportForm(request.POST, request.FILES)
+        # The form comes back with the format that was chosen: a file picked again after an error is read as
+        # that format, not as whichever comes first in the list.
+        values = request.POST
         if not form.is_valid():
             field, message = _first_form_error(form)
-            return _project_page(request, project, status=400, import_error=message, import_error_field=field)
+            return _project_page(request, project, status=400, import_error=message, import_error_field=field,
+                                 import_values=values)
         upload = form.cleaned_data["file"]
         limit = int(settings.PREFLAB["IMPORT_MAX_BYTES"])
         if upload.size > limit:
             return _project_page(request, project, status=413, import_error_field="file",
-                                 import_error=f"file: the file is {upload.size} bytes; the limit is {limit}.")
+                                 import_error=f"file: the file is {upload.size} bytes; the limit is {limit}.",
+                                 import_values=values)
         upload.seek(0)
         try:
             report = imports.preferences_import(project=project, stream=upload.file,
                                                 format=form.cleaned_data["format"])
         except DomainError as exc:  # the file as a whole is refused (an archive): nothing was imported
             return _project_page(request, project, status=exc.status_code, import_error_field=exc.field,
-                                 import_error=f"{exc.field}: {exc.message}" if exc.field else exc.message)
-        return _project_page(request, project, import_report=report.as_dict(), import_name=upload.name)
+                                 import_error=f"{exc.field}: {exc.message}" if exc.field else exc.message,
+                                 import_values=values)
+        return _project_page(request, project, import_report=report.as_dict(), import_name=upload.name,
+                             import_values=values)
 
 
 class ProjectExportView(LoginRequiredMixin, View):
@@ -243,7 +250,11 @@ class MemberSetView(LoginRequiredMixin, View):
                                  member_error=f"username: there is no user called '{username}'.",
                                  member_values=request.POST)
         existed = Membership.objects.filter(project=project, user=user).exists()
-        membership = services.membership_set(project=project, user=user, role=form.cleaned_data["role"])
+        try:
+            membership = services.membership_set(project=project, user=user, role=form.cleaned_data["role"])
+        except DomainError as exc:
+            return _project_page(request, project, status=exc.status_code, member_error_field=exc.field,
+                                 member_error=exc.message, member_values=request.POST)
         verb = "is now" if existed else "was added as"
         messages.success(request, f"{user.get_username()} {verb} {membership.get_role_display().lower()}.")
         return redirect("dashboard:project", slug=project.slug)

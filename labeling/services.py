@@ -4,6 +4,8 @@ from __future__ import annotations
 import random
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -59,6 +61,26 @@ def _validate_project_settings(*, labels_per_pair: int, gold_rate: float) -> Non
         raise DomainError("gold_rate must be between 0 and 1.", field="gold_rate")
 
 
+@contextmanager
+def _unique_or(error: DomainError) -> Iterator[None]:
+    """Raise `error` when the insert inside breaks a unique constraint: two requests creating the same row at once
+    both pass the check before it, and the second one's insert waits for the first and then fails. It runs in a
+    savepoint, so the caller's transaction stays usable."""
+    try:
+        with transaction.atomic():
+            yield
+    except IntegrityError as exc:
+        if not _is_unique_violation(exc):
+            raise
+        raise error from exc
+
+
+def _is_unique_violation(exc: IntegrityError) -> bool:
+    """PostgreSQL names the kind by its SQLSTATE (23505); SQLite only in its message."""
+    sqlstate = getattr(exc.__cause__, "sqlstate", None)
+    return sqlstate == "23505" if sqlstate is not None else "UNIQUE constraint failed" in str(exc)
+
+
 @transaction.atomic
 def project_create(*, name: str, slug: str, created_by: AbstractBaseUser | None = None, guidelines: str = "",
                    labels_per_pair: int = 1, allow_tie: bool = True, allow_both_bad: bool = True,
@@ -67,12 +89,15 @@ def project_create(*, name: str, slug: str, created_by: AbstractBaseUser | None 
     if slug == "create":
         # /projects/create/ is the create operation itself; a project of that name could never be reached.
         raise DomainError("The slug 'create' is reserved.", field="slug", code="reserved")
+    taken = Conflict(f"A project with slug '{slug}' already exists.", field="slug")
     if Project.objects.filter(slug=slug).exists():
-        raise Conflict(f"A project with slug '{slug}' already exists.", field="slug")
-    project = Project.objects.create(
-        name=name, slug=slug, guidelines=guidelines, labels_per_pair=labels_per_pair, allow_tie=allow_tie,
-        allow_both_bad=allow_both_bad, strength_scale=strength_scale, gold_rate=gold_rate,
-    )
+        raise taken
+    # The check cannot see a project another request is creating right now: the unique index decides.
+    with _unique_or(taken):
+        project = Project.objects.create(
+            name=name, slug=slug, guidelines=guidelines, labels_per_pair=labels_per_pair, allow_tie=allow_tie,
+            allow_both_bad=allow_both_bad, strength_scale=strength_scale, gold_rate=gold_rate,
+        )
     if created_by is not None:
         Membership.objects.create(project=project, user=created_by, role=Membership.Role.MANAGER)
     return project
@@ -105,16 +130,31 @@ def pair_statuses_refresh(*, project: Project) -> None:
     pairs.filter(label_count__lt=project.labels_per_pair).update(status=Pair.Status.OPEN)
 
 
+def _keep_a_manager(*, project: Project, user: AbstractBaseUser, field: str) -> None:
+    """Refuse to take the role from the project's last manager: nobody but staff could manage it afterwards (and a
+    manager who demoted themselves would be locked out of the page they did it on). Runs under the project's row
+    lock, so two managers demoting each other at once cannot both pass."""
+    Project.objects.select_for_update().filter(pk=project.pk).first()
+    managers = set(Membership.objects.filter(project=project, role=Membership.Role.MANAGER)
+                   .values_list("user_id", flat=True))
+    if managers == {user.pk}:
+        raise Conflict(f"{user} is the last manager of {project.slug}; make someone else a manager first.",
+                       field=field, code="last_manager")
+
+
 @transaction.atomic
 def membership_set(*, project: Project, user: AbstractBaseUser, role: str) -> Membership:
     if role not in Membership.Role.values:
         raise DomainError(f"Unknown role '{role}'.", field="role")
+    if role != Membership.Role.MANAGER:
+        _keep_a_manager(project=project, user=user, field="role")
     membership, _ = Membership.objects.update_or_create(project=project, user=user, defaults={"role": role})
     return membership
 
 
 @transaction.atomic
 def membership_remove(*, project: Project, user: AbstractBaseUser) -> None:
+    _keep_a_manager(project=project, user=user, field="username")
     deleted, _ = Membership.objects.filter(project=project, user=user).delete()
     if not deleted:
         raise NotFound(f"{user} is not a member of {project.slug}.", field="user")
@@ -214,11 +254,13 @@ def pair_create(*, project: Project, prompt: Any, response_a: str, response_b: s
     a = response_get_or_create(project=project, text=response_a, model_name=model_a, field="response_a")
     b = response_get_or_create(project=project, text=response_b, model_name=model_b, field="response_b")
     low, high = sorted([a.pk, b.pk])
+    duplicate = Conflict("This pair already exists in the project.", code="duplicate")
     if Pair.objects.filter(project=project, prompt=prompt_obj, response_a_id__in=[low, high],
                            response_b_id__in=[low, high]).exists():
-        raise Conflict("This pair already exists in the project.", code="duplicate")
-    return Pair.objects.create(project=project, prompt=prompt_obj, response_a=a, response_b=b, priority=priority,
-                               gold_choice=gold_choice, source=source)
+        raise duplicate
+    with _unique_or(duplicate):
+        return Pair.objects.create(project=project, prompt=prompt_obj, response_a=a, response_b=b,
+                                   priority=priority, gold_choice=gold_choice, source=source)
 
 
 # --- the queue ------------------------------------------------------------------------------------------

@@ -40,12 +40,14 @@ class _Median(Aggregate):
 
 
 class _EpochSeconds(Func):
-    """A datetime as whole seconds since 1970 (UTC), so label times arrive as plain integers."""
+    """A datetime as whole seconds since 1970 (UTC), rounded down, so label times arrive as plain integers."""
 
     output_field = BigIntegerField()
 
     def as_postgresql(self, compiler, connection, **extra):
-        return self.as_sql(compiler, connection, template="EXTRACT(EPOCH FROM %(expressions)s)::bigint", **extra)
+        # A cast alone rounds to the nearest second: a label at 23:59:59.5 would count for the next day.
+        return self.as_sql(compiler, connection, template="FLOOR(EXTRACT(EPOCH FROM %(expressions)s))::bigint",
+                           **extra)
 
     def as_sqlite(self, compiler, connection, **extra):
         return self.as_sql(compiler, connection, template="CAST(strftime('%%%%s', %(expressions)s) AS INTEGER)",

@@ -104,6 +104,27 @@ def test_managers_manage_members(project, manager, labeler):
 
 
 @pytest.mark.django_db
+def test_the_last_manager_can_be_neither_demoted_nor_removed(project, manager, labeler):
+    client = client_for(manager)
+    url = f"/api/v1/projects/{project.slug}/members/"
+    demoted = client.post(f"{url}set/", {"username": manager.username, "role": "labeler"}, format="json")
+    assert demoted.status_code == 409 and demoted.json()["error"]["field"] == "role"
+    assert demoted.json()["error"]["code"] == "last_manager"
+    removed = client.delete(f"{url}{manager.username}/")
+    assert removed.status_code == 409 and removed.json()["error"]["field"] == "username"
+    assert Membership.objects.get(project=project, user=manager).role == Membership.Role.MANAGER
+    # With a second manager, either may step down; labelers are removed as before.
+    assert client.post(f"{url}set/", {"username": labeler.username, "role": "manager"},
+                       format="json").status_code == 200
+    assert client.post(f"{url}set/", {"username": manager.username, "role": "labeler"},
+                       format="json").status_code == 200
+    assert client_for(labeler).delete(f"{url}{manager.username}/").status_code == 204
+    assert client_for(labeler).delete(f"{url}{labeler.username}/").status_code == 409
+    assert list(Membership.objects.filter(project=project).values_list("user__username", "role")) == [
+        (labeler.username, Membership.Role.MANAGER)]
+
+
+@pytest.mark.django_db
 def test_managers_add_pairs_with_chat_prompts_and_bad_pairs_are_refused(project, manager, labeler):
     url = f"/api/v1/projects/{project.slug}/pairs/"
     body = {"prompt": [{"role": "user", "content": "Hi"}], "response_a": "Hello!", "response_b": "Go away."}

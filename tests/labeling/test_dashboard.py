@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+from datetime import UTC, datetime
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
@@ -180,6 +182,27 @@ def test_overview_shows_progress_activity_agreement_and_reward_model(project, ma
     assert other.name not in page
 
 
+@pytest.mark.django_db
+def test_agreement_over_time_puts_a_label_in_the_day_it_was_made(project, manager):
+    """A label half a second before midnight belongs to its own day, not to the next one (nor, on the current
+    day, to a day after the series' end)."""
+    project.labels_per_pair = 2
+    project.save()
+    ann, bob = _member(project), _member(project)
+    pair = PairFactory(project=project)
+    _label(pair, ann, "a"), _label(pair, bob, "a")
+    Comparison.objects.filter(pair=pair).update(created_at=datetime(2025, 3, 9, 23, 59, 59, 600_000, tzinfo=UTC))
+    daily = stats.labeler_agreement(project=project, now=datetime(2025, 3, 10, 12, tzinfo=UTC))["daily"]
+    by_day = {row["day"].isoformat(): row["pairs"] for row in daily}
+    assert by_day["2025-03-09"] == 1 and by_day["2025-03-10"] == 0
+    daily = stats.labeler_agreement(project=project, now=datetime(2025, 3, 9, 23, 59, 59, 900_000, tzinfo=UTC))["daily"]
+    assert daily[-1]["day"].isoformat() == "2025-03-09" and daily[-1]["pairs"] == 1
+    # The page's table says the same.
+    page = _client(manager).get(f"/dashboard/{project.slug}/").content.decode()
+    today = stats.labeler_agreement(project=project)["daily"][-1]["day"]
+    assert f'<tr><td>{today:%Y-%m-%d}</td><td class="num">0</td>' in page
+
+
 # --- import and export ----------------------------------------------------------------------------------
 
 
@@ -206,6 +229,24 @@ def test_import_without_a_file_or_with_a_bad_format_names_the_field(project, man
     response = client.post(f"/dashboard/{project.slug}/import/", {"file": upload, "format": "csv"})
     assert response.status_code == 400 and "Not imported (format)" in response.content.decode()
     assert not Pair.objects.exists()
+
+
+def _selected(page: str, select_id: str) -> list[str]:
+    select = re.search(rf'<select id="{select_id}".*?</select>', page, re.S).group(0)
+    return re.findall(r'<option value="([^"]+)" selected>', select)
+
+
+@pytest.mark.django_db
+def test_an_import_error_keeps_the_chosen_format(project, manager):
+    client = _client(manager)
+    assert _selected(client.get(f"/dashboard/{project.slug}/").content.decode(), "import-format") == []
+    content = gzip.compress(b'{"prompt": "Hi?", "chosen": "Hello there.", "rejected": "Go away."}\n')
+    upload = SimpleUploadedFile("prefs.jsonl.gz", content, content_type="application/gzip")
+    response = client.post(f"/dashboard/{project.slug}/import/", {"file": upload, "format": "candidates"})
+    assert response.status_code == 400
+    assert _selected(response.content.decode(), "import-format") == ["candidates"]
+    response = client.post(f"/dashboard/{project.slug}/import/", {"format": "trl"})
+    assert response.status_code == 400 and _selected(response.content.decode(), "import-format") == ["trl"]
 
 
 @pytest.mark.django_db
@@ -252,6 +293,29 @@ def test_member_errors_are_shown_with_the_field(project, manager):
     response = client.post(f"{url}remove/", {"username": UserFactory().username})
     assert response.status_code == 404 and "Not changed (user)" in response.content.decode()
     assert Membership.objects.get(user=manager).role == "manager"
+
+
+@pytest.mark.django_db
+def test_the_last_manager_demoting_themselves_is_told_why_on_the_page(project, manager):
+    client = _client(manager)
+    url = f"/dashboard/{project.slug}/members/"
+    response = client.post(url, {"username": manager.username, "role": "labeler"})
+    page = response.content.decode()
+    assert response.status_code == 409 and "Not changed (role)" in page and "last manager" in page
+    response = client.post(f"{url}remove/", {"username": manager.username})
+    assert response.status_code == 409 and "last manager" in response.content.decode()
+    assert Membership.objects.get(user=manager).role == "manager"
+
+
+@pytest.mark.django_db
+def test_a_member_error_keeps_the_chosen_role(project, manager):
+    client = _client(manager)
+    assert _selected(client.get(f"/dashboard/{project.slug}/").content.decode(), "member-role") == ["labeler"]
+    response = client.post(f"/dashboard/{project.slug}/members/", {"username": "nobdy", "role": "manager"})
+    page = response.content.decode()
+    assert response.status_code == 400 and 'value="nobdy"' in page
+    # Fixing the typo and submitting again must not add the user as a labeler instead.
+    assert _selected(page, "member-role") == ["manager"]
 
 
 @pytest.mark.django_db
