@@ -1,7 +1,7 @@
 """HTTP API of training runs and the model registry (reward models, policies): one view per operation."""
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
@@ -85,14 +85,28 @@ class TrainingRunStartApi(APIView):
         eval_fraction = serializers.FloatField(required=False, default=0.1, min_value=0.0, max_value=0.9)
         seed = serializers.IntegerField(required=False, default=0, min_value=0, max_value=2**31 - 1)
 
-    @extend_schema(request=InputSerializer, responses={202: TrainingRunOutput, **ERRORS})
+    @extend_schema(
+        request=InputSerializer,
+        parameters=[OpenApiParameter(
+            "Idempotency-Key", str, OpenApiParameter.HEADER, required=False,
+            description="Any unique string (a UUID). The same submission sent again with the same key (a retry after "
+                        "a timeout) returns the run the first one started, with 200, instead of queuing another; "
+                        "the same key with other settings is a 409.")],
+        responses={202: TrainingRunOutput, 200: TrainingRunOutput, **ERRORS})
     def post(self, request):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         values = dict(data.validated_data)
         project = project_get_for_user(slug=values.pop("project"), user=request.user, manage=True)
-        run = services.training_run_start(project=project, created_by=request.user, **values)
-        return Response(TrainingRunOutput(run).data, status=status.HTTP_202_ACCEPTED)
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            run = services.training_run_start(project=project, created_by=request.user, **values)
+            return Response(TrainingRunOutput(run).data, status=status.HTTP_202_ACCEPTED)
+        run, created = services.training_run_start_once(project=project, created_by=request.user,
+                                                        idempotency_key=key, **values)
+        return Response(TrainingRunOutput(run).data,
+                        status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,
+                        headers=None if created else {"Idempotent-Replayed": "true"})
 
 
 class TrainingRunListApi(APIView):

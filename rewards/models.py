@@ -79,10 +79,15 @@ class TrainingRun(models.Model):
     cancel_requested = models.BooleanField(default=False)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
                                    related_name="training_runs")
+    # The client's Idempotency-Key (or the start form's token): a submission sent again with it returns this run
+    # instead of queuing a second one. Blank when none was sent.
+    idempotency_key = models.CharField(max_length=255, blank=True, default="")
 
     class Meta:
         ordering = ["-created_at", "-id"]
         constraints = [
+            models.UniqueConstraint(fields=["project", "idempotency_key"], condition=~Q(idempotency_key=""),
+                                    name="training_run_idempotency_key"),
             models.CheckConstraint(condition=Q(status__in=["queued", "running", "succeeded", "failed", "cancelled"]),
                                    name="training_run_status_valid"),
             models.CheckConstraint(condition=Q(kind__in=["reward", "dpo", "rlhf"]), name="training_run_kind_valid"),

@@ -36,7 +36,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Max
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -176,9 +176,60 @@ def training_run_start(*, project: Project, kind: str, created_by: AbstractBaseU
     return run
 
 
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def training_run_start_once(*, project: Project, idempotency_key: str, kind: str, base_model: str = "",
+                            hyperparameters: dict[str, Any] | None = None, eval_fraction: float = 0.1, seed: int = 0,
+                            created_by: AbstractBaseUser | None = None,
+                            queue: bool = True) -> tuple[TrainingRun, bool]:
+    """`training_run_start` for a client that may send the same submission again (a retry after a timeout, a
+    second click): the first submission with `idempotency_key` starts a run, and every later one with the same key
+    in the project returns that run instead of queuing another. Returns (run, created).
+
+    A key sent again with other settings is a 409: it names a request, and that is not the same request. A run
+    whose task could not be queued (the 503) gives its key back, so the retry starts it afresh."""
+    if not idempotency_key or len(idempotency_key) > IDEMPOTENCY_KEY_MAX or not all(
+            "!" <= char <= "~" for char in idempotency_key):
+        raise DomainError(f"Idempotency-Key is 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters (a UUID, say).",
+                          field="Idempotency-Key")
+    request = {"kind": kind, "base_model": base_model.strip(), "eval_fraction": float(eval_fraction),
+               "seed": int(seed), "hyperparameters": hyperparameters or {}}
+    existing = TrainingRun.objects.filter(project=project, idempotency_key=idempotency_key).first()
+    if existing is None:
+        try:
+            run = _training_run_create(project=project, created_by=created_by, idempotency_key=idempotency_key,
+                                       **request)
+        except IntegrityError:
+            # The same key sent twice at once: both missed the lookup, and the unique constraint let one in.
+            existing = TrainingRun.objects.filter(project=project, idempotency_key=idempotency_key).first()
+            if existing is None:
+                raise
+        else:
+            if queue:
+                transaction.on_commit(lambda: _training_run_publish(run=run))
+            return run, True
+    if not _same_submission(existing, **request):
+        raise Conflict("This Idempotency-Key was already used for a run with other settings "
+                       f"(run {existing.pk}); send a new key for a new run.", field="Idempotency-Key",
+                       code="idempotency_key_reused")
+    return existing, False
+
+
+def _same_submission(run: TrainingRun, *, kind: str, base_model: str, eval_fraction: float, seed: int,
+                     hyperparameters: dict[str, Any]) -> bool:
+    if (run.kind, run.base_model, run.eval_fraction, run.split_seed) != (kind, base_model, eval_fraction, seed):
+        return False
+    try:  # compared as stored: validated, with the recipe's defaults filled in
+        return training_hyperparameters_validate(kind=kind, hyperparameters=hyperparameters) == run.hyperparameters
+    except DomainError:
+        return False
+
+
 @transaction.atomic
 def _training_run_create(*, project: Project, kind: str, created_by: AbstractBaseUser | None, base_model: str,
-                         hyperparameters: dict[str, Any], eval_fraction: float, seed: int) -> TrainingRun:
+                         hyperparameters: dict[str, Any], eval_fraction: float, seed: int,
+                         idempotency_key: str = "") -> TrainingRun:
     if kind not in TrainingRun.Kind.values:
         raise DomainError(f"Unknown training kind '{kind}'; use one of {', '.join(TrainingRun.Kind.values)}.",
                           field="kind")
@@ -208,6 +259,7 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
         export_policy=TrainingRun.ExportPolicy.MAJORITY, comparison_ids=comparison_ids, dataset_hash=_rows_hash(rows),
         split_seed=seed, eval_fraction=eval_fraction, train_pair_ids=train_ids, eval_pair_ids=eval_ids,
         pair_count=len(rows), train_count=len(train_ids), eval_count=len(eval_ids), reward_model=reward_model,
+        idempotency_key=idempotency_key,
     )
 
 
@@ -223,6 +275,8 @@ def _training_run_publish(*, run: TrainingRun) -> None:
     except (OperationalError, OSError) as exc:
         logger.warning("could not queue training run %s: %s", run.pk, exc)
         training_run_fail(run_id=run.pk, error=f"Could not be queued: the task broker is unreachable ({exc}).")
+        # The client is told the run was not started: its retry with the same Idempotency-Key starts a new one.
+        TrainingRun.objects.filter(pk=run.pk).update(idempotency_key="")
         raise ServiceUnavailable("The training queue is unreachable right now; the run was not started. "
                                  "Try again in a moment.")
 

@@ -1,6 +1,7 @@
 """Training pages for managers: start runs, follow their progress, read a run's curves, cancel and deploy."""
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django import forms
@@ -43,6 +44,9 @@ class StartForm(forms.Form):
     num_train_epochs = forms.FloatField(required=False)
     per_device_train_batch_size = forms.IntegerField(required=False)
     max_length = forms.IntegerField(required=False)
+    # A token rendered into each form: the same form posted twice (a double click without JavaScript, a resend
+    # after a timeout) starts one run.
+    submission = forms.CharField(required=False, max_length=64)
 
 
 def _not_found_or_forbidden(exc: DomainError) -> Exception:
@@ -79,6 +83,7 @@ def _training_page(request: HttpRequest, project: Project, *, status: int = 200,
         **_runs_context(request, project),
         "kind_forms": _kind_forms(extra.pop("values", None)),
         "reward_models": selectors.reward_model_list(project=project),
+        "submission_token": uuid.uuid4().hex,
         **extra,
     }
     return render(request, "rewards/training.html", context, status=status)
@@ -109,9 +114,13 @@ class TrainingRunStartView(LoginRequiredMixin, View):
         defaults = RECIPE_DEFAULTS[data["kind"]]
         hyperparameters = {name: data[name] for name, _, _ in FORM_HYPERPARAMETERS
                            if name in defaults and data[name] is not None}
+        submission = {"project": project, "kind": data["kind"], "created_by": request.user,
+                      "base_model": data["base_model"], "hyperparameters": hyperparameters}
         try:
-            run = services.training_run_start(project=project, kind=data["kind"], created_by=request.user,
-                                              base_model=data["base_model"], hyperparameters=hyperparameters)
+            if data["submission"]:
+                run, _ = services.training_run_start_once(idempotency_key=f"form-{data['submission']}", **submission)
+            else:
+                run = services.training_run_start(**submission)
         except DomainError as exc:
             # The template names the field beside the message ("Not started (field): message").
             field = exc.field.removeprefix("hyperparameters.") if exc.field else None

@@ -101,6 +101,28 @@ def test_start_form_creates_a_queued_run(project, manager, django_capture_on_com
 
 
 @pytest.mark.django_db
+def test_a_start_form_posted_twice_starts_one_run(project, manager):
+    """Without JavaScript (or with a resend after a timeout) the same rendered form can arrive twice: its token
+    makes the second post land on the first run."""
+    labeled_pairs(project, count=4)
+    client = _client(manager)
+    page = client.get(f"/dashboard/{project.slug}/training/").content.decode()
+    tokens = re.findall(r'name="submission" value="([0-9a-f]{32})"', page)
+    assert len(tokens) == 3  # one per kind's form
+    form = {"kind": "reward", "max_length": "64", "submission": tokens[0]}
+    first = client.post(f"/dashboard/{project.slug}/training/start/", form)
+    second = client.post(f"/dashboard/{project.slug}/training/start/", form)
+    run = TrainingRun.objects.get()
+    assert first.status_code == second.status_code == 302 and first.url == second.url == f"/dashboard/runs/{run.pk}/"
+    # A form rendered afresh carries a new token: starting the same settings again is another run.
+    fresh = re.search(r'name="submission" value="([0-9a-f]{32})"',
+                      client.get(f"/dashboard/{project.slug}/training/").content.decode()).group(1)
+    assert fresh not in tokens
+    client.post(f"/dashboard/{project.slug}/training/start/", {**form, "submission": fresh})
+    assert TrainingRun.objects.count() == 2
+
+
+@pytest.mark.django_db
 def test_start_form_errors_name_the_field_and_keep_the_values(project, manager):
     labeled_pairs(project, count=4)
     client = _client(manager)

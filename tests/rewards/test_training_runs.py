@@ -192,6 +192,62 @@ def test_an_unreachable_broker_is_a_503_and_the_run_is_not_left_queued(project, 
     assert not TrainingRun.objects.filter(status=TrainingRun.Status.QUEUED).exists()
 
 
+@pytest.mark.django_db
+def test_a_submission_sent_again_with_its_idempotency_key_returns_the_first_run(project, manager):
+    labeled_pairs(project, count=4)
+    client = client_for(manager)
+    body = {"project": project.slug, "kind": "reward", "hyperparameters": TINY, "seed": 3}
+    first = client.post(URL, body, format="json", HTTP_IDEMPOTENCY_KEY="8f14e45f-retry")
+    assert first.status_code == 202 and "Idempotent-Replayed" not in first
+    again = client.post(URL, body, format="json", HTTP_IDEMPOTENCY_KEY="8f14e45f-retry")
+    assert again.status_code == 200 and again["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"] and TrainingRun.objects.count() == 1
+    # The same key with other settings names another request: refused, nothing started.
+    other = client.post(URL, {**body, "seed": 4}, format="json", HTTP_IDEMPOTENCY_KEY="8f14e45f-retry")
+    assert other.status_code == 409 and other.json()["error"]["field"] == "Idempotency-Key"
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    # Another key, or none, is another run; a key is one run per project.
+    assert client.post(URL, body, format="json", HTTP_IDEMPOTENCY_KEY="second").status_code == 202
+    assert client.post(URL, body, format="json").status_code == 202
+    assert TrainingRun.objects.count() == 3
+    for bad in ("has space", "x" * 256, "caf\u00e9"):
+        response = client.post(URL, body, format="json", HTTP_IDEMPOTENCY_KEY=bad)
+        assert response.status_code == 400 and response.json()["error"]["field"] == "Idempotency-Key", bad
+    assert TrainingRun.objects.count() == 3
+
+
+@pytest.mark.django_db
+def test_two_submissions_with_one_key_at_once_start_one_run(project, manager, monkeypatch):
+    labeled_pairs(project, count=4)
+    create = services._training_run_create
+
+    def racing(**kwargs):
+        # Another request with the same key inserts its run after this one looked for it and before it inserts.
+        create(**kwargs)
+        return create(**kwargs)
+
+    monkeypatch.setattr(services, "_training_run_create", racing)
+    run, created = services.training_run_start_once(project=project, idempotency_key="k", kind="reward",
+                                                    hyperparameters=TINY, queue=False)
+    assert created is False and list(TrainingRun.objects.values_list("pk", flat=True)) == [run.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_whose_run_could_not_be_queued_starts_a_new_run_when_retried(project, manager, monkeypatch):
+    labeled_pairs(project, count=4)
+    client = client_for(manager)
+    body = {"project": project.slug, "kind": "reward", "hyperparameters": TINY}
+    monkeypatch.setenv("CELERY_BROKER_WRITE_URL", "redis://127.0.0.1:1/0")
+    assert client.post(URL, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-me").status_code == 503
+    failed = TrainingRun.objects.get()
+    monkeypatch.setattr(services, "_training_run_publish", lambda *, run: None)
+    retried = client.post(URL, body, format="json", HTTP_IDEMPOTENCY_KEY="retry-me")
+    assert retried.status_code == 202 and retried.json()["id"] != failed.pk
+    assert TrainingRun.objects.get(pk=retried.json()["id"]).status == TrainingRun.Status.QUEUED
+    failed.refresh_from_db()
+    assert failed.status == TrainingRun.Status.FAILED and failed.idempotency_key == ""
+
+
 # --- the state machine ----------------------------------------------------------------------------------
 
 
