@@ -7,9 +7,11 @@ from typing import Any
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import NON_FIELD_ERRORS
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils.cache import add_never_cache_headers, patch_vary_headers
 from django.views import View
 
@@ -102,6 +104,24 @@ def _choice_allowed(project: Project, choice: str) -> bool:
     return True
 
 
+class _LabelLoginRequiredMixin(LoginRequiredMixin):
+    """Login required on the labeling screen's URLs. A labeler whose session ended while the page was open comes
+    back to the labeling page after logging in (the submit and skip URLs answer only POST), and an htmx request
+    gets a full-page redirect to the login page instead of the login page swapped into the panel."""
+
+    def handle_no_permission(self) -> HttpResponse:
+        if self.request.user.is_authenticated:
+            return super().handle_no_permission()
+        label_url = reverse("labeling:label", kwargs={"slug": self.kwargs["slug"]})
+        login = redirect_to_login(label_url, self.get_login_url(), self.get_redirect_field_name())
+        if _is_htmx(self.request):
+            response = HttpResponse()
+            response["HX-Redirect"] = login.url
+            add_never_cache_headers(response)
+            return response
+        return login
+
+
 class ProjectListView(LoginRequiredMixin, View):
     def get(self, request: HttpRequest) -> HttpResponse:
         projects = list(selectors.project_list_for_user(user=request.user))
@@ -110,13 +130,13 @@ class ProjectListView(LoginRequiredMixin, View):
         return render(request, "labeling/home.html", {"rows": rows})
 
 
-class LabelPageView(LoginRequiredMixin, View):
+class LabelPageView(_LabelLoginRequiredMixin, View):
     def get(self, request: HttpRequest, slug: str) -> HttpResponse:
         project = _project_for(request, slug)
         return _label_response(request, project=project)
 
 
-class LabelSubmitView(LoginRequiredMixin, View):
+class LabelSubmitView(_LabelLoginRequiredMixin, View):
     class InputForm(forms.Form):
         pair = id_form_field()
         choice = forms.ChoiceField(choices=[(choice, choice) for choice in services.FRAME_CHOICES])
@@ -161,7 +181,7 @@ class LabelSubmitView(LoginRequiredMixin, View):
         return redirect("labeling:label", slug=project.slug)
 
 
-class LabelSkipView(LoginRequiredMixin, View):
+class LabelSkipView(_LabelLoginRequiredMixin, View):
     class InputForm(forms.Form):
         pair = id_form_field()
 

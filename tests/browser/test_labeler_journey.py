@@ -59,10 +59,9 @@ def test_a_labeler_labels_five_pairs_with_the_keyboard_only(page, shot, live_ser
             assert not left_is_a
         expected[pair_id] = _expected_choice(KEY_CHOICES[key], left_is_a=left_is_a)
         shot(f"pair-{step + 1}")
-        if step == 2:
-            # The labeler reads this pair for at least PAUSE_MS: the time the page reports must cover that.
-            paused = pair_id
-            page.wait_for_timeout(PAUSE_MS)
+        # The labeler reads each pair for at least PAUSE_MS (the page ignores answer keys pressed faster than anyone
+        # reads, as a double press would): the time the page reports must cover that.
+        page.wait_for_timeout(PAUSE_MS)
         page.keyboard.press(key)
         expect(progress).to_have_attribute("value", str(step + 1))
         expect(page.locator("p.notice")).to_have_text("Saved.")
@@ -73,8 +72,7 @@ def test_a_labeler_labels_five_pairs_with_the_keyboard_only(page, shot, live_ser
     saved = {c.pair_id: c for c in Comparison.objects.filter(labeler=user)}
     assert {pair_id: c.choice for pair_id, c in saved.items()} == expected
     assert sum(c.swapped for c in saved.values()) >= 2
-    assert all(c.time_ms is not None and c.time_ms >= 0 for c in saved.values())
-    assert saved[paused].time_ms >= PAUSE_MS
+    assert all(c.time_ms is not None and c.time_ms >= PAUSE_MS for c in saved.values())
 
 
 def test_a_script_in_a_response_shows_as_text_and_never_runs(page, shot, live_server):

@@ -1,6 +1,8 @@
 """The labeler's web pages: login, project list, the labeling screen, submitting, skipping and progress."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from django.test import Client
 
@@ -44,6 +46,26 @@ def test_pages_require_login(project):
     response = client.post(f"{_label_url(project)}submit/", {"pair": 1, "choice": "left"})
     assert response.status_code == 302 and response.url.startswith("/accounts/login/")
     assert not Comparison.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", ["submit", "skip"])
+def test_a_labeler_signed_out_while_labeling_logs_in_and_comes_back_to_the_labeling_page(labeler, action):
+    project = labeler.projects.get()
+    pair = PairFactory(project=project)
+    _lease(project, labeler, swapped=False)
+    client = Client()
+    login_url = f"/accounts/login/?next={quote(_label_url(project))}"
+    plain = client.post(f"{_label_url(project)}{action}/", {"pair": pair.pk, "choice": "left"})
+    assert plain.status_code == 302 and plain.url == login_url
+    # htmx follows a redirect by itself and would swap the login page into the panel: it is told to leave instead.
+    swapped = client.post(f"{_label_url(project)}{action}/", {"pair": pair.pk, "choice": "left"}, **HTMX)
+    assert swapped.status_code == 200 and swapped["HX-Redirect"] == login_url and swapped.content == b""
+    back = client.post(login_url, {"username": labeler.username, "password": "correct-horse-battery",
+                                   "next": _label_url(project)})
+    assert back.status_code == 302 and back.url == _label_url(project)
+    assert pair.response_a.text in client.get(back.url).content.decode()
+    assert not Comparison.objects.exists() and not Lease.objects.get(labeler=labeler).skipped
 
 
 @pytest.mark.django_db
@@ -267,6 +289,24 @@ def test_progress_counts_my_labels_against_what_i_could_still_label(db):
     # Mine: one labeled; two open pairs I have not labeled (the complete and the gold pair do not count).
     assert "1 labeled of 3 (2 left)" in html
     assert '<progress id="progress-mine" max="3" value="1">' in html
+
+
+@pytest.mark.django_db
+def test_a_skipped_pair_is_not_left_in_my_progress(db):
+    project = ProjectFactory()
+    me = _member(project)
+    skipped, labeled = PairFactory(project=project, priority=1), PairFactory(project=project, priority=0)
+    client = _client(me)
+    client.post(f"{_label_url(project)}skip/", {"pair": services.pair_next_for_labeler(project=project,
+                                                                                       labeler=me).pair_id})
+    assert services.pair_next_for_labeler(project=project, labeler=me).pair_id == labeled.pk
+    client.post(f"{_label_url(project)}submit/", {"pair": labeled.pk, "choice": "left"})
+    html = client.get(_label_url(project)).content.decode()
+    # The queue has nothing left for me (it never offers a skipped pair again), and the bar says so.
+    assert "All done" in html and "1 labeled of 1 (0 left)" in html
+    home = client.get("/").content.decode()
+    assert "1 labeled of 1 (0 left)" in home and "Start labeling" not in home
+    assert Pair.objects.get(pk=skipped.pk).status == Pair.Status.OPEN
 
 
 @pytest.mark.django_db
