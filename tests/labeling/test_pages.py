@@ -310,6 +310,22 @@ def test_a_skipped_pair_is_not_left_in_my_progress(db):
 
 
 @pytest.mark.django_db
+def test_an_empty_queue_with_pairs_held_by_others_says_so_instead_of_all_done(db):
+    project = ProjectFactory(labels_per_pair=1)
+    pair = PairFactory(project=project)
+    holder, me = _member(project), _member(project)
+    assert services.pair_next_for_labeler(project=project, labeler=holder).pair_id == pair.pk
+    html = _client(me).get(_label_url(project)).content.decode()
+    assert "Nothing free right now" in html and "All done" not in html and "0 labeled of 1 (1 left)" in html
+    assert "The 1 pair left for you" in html and "is being labeled by others" in html
+    assert 'id="label-form"' not in html
+    # Answered by its holder, nothing is left: all done.
+    services.comparison_submit(pair_id=pair.pk, labeler=holder, choice="left")
+    html = _client(me).get(_label_url(project)).content.decode()
+    assert "All done" in html and "0 labeled of 0 (0 left)" in html
+
+
+@pytest.mark.django_db
 def test_empty_queue_shows_all_done_with_a_link_back(labeler):
     project = labeler.projects.get()
     html = _client(labeler).get(_label_url(project)).content.decode()
