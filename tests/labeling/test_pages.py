@@ -388,6 +388,21 @@ def test_the_labeling_pages_are_never_kept_by_the_browser(labeler):
 
 
 @pytest.mark.django_db
+def test_a_form_sent_with_a_stale_csrf_token_gets_the_sites_page_saying_nothing_was_saved(labeler):
+    project = labeler.projects.get()
+    pair = PairFactory(project=project)
+    _lease(project, labeler, swapped=False)
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(labeler)
+    response = client.post(f"{_label_url(project)}submit/", {"pair": pair.pk, "choice": "left",
+                                                             "csrfmiddlewaretoken": "stale" * 8})
+    html = response.content.decode()
+    assert response.status_code == 403 and "<h1>This form has expired</h1>" in html and "Nothing was saved" in html
+    assert "Log out" in html and 'href="/"' in html
+    assert not Comparison.objects.exists()
+
+
+@pytest.mark.django_db
 def test_a_labeler_refused_a_dashboard_page_sees_the_sites_page_with_a_way_back(labeler):
     response = _client(labeler).get("/dashboard/")
     assert response.status_code == 403
