@@ -17,6 +17,9 @@ from labeling.models import UNSTORABLE, Comparison, Pair, Project, Prompt, Respo
 
 FORMATS = ("hh", "trl", "candidates")
 BATCH_LINES = 1000
+# A batch is also written once its lines reach this size: a thousand long lines (up to IMPORT_MAX_LINE_BYTES each)
+# would otherwise be held in memory together, parsed, several times over.
+BATCH_BYTES = 32 * 1024 * 1024
 MAX_BAD_LINES_STORED = 1000
 # A candidates line with n responses makes n*(n-1)/2 pairs; this keeps one line from flooding the queue.
 MAX_CANDIDATES = 32
@@ -104,12 +107,24 @@ def refuse_archive(head: bytes) -> None:
                               code="unsupported_file")
 
 
+def _content_length(raw: bytes) -> int:
+    """Length of a line without its ending (LF or CRLF), which the line limit does not count."""
+    if raw.endswith(b"\r\n"):
+        return len(raw) - 2
+    return len(raw) - 1 if raw.endswith(b"\n") else len(raw)
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
 def _read_lines(stream: IO[bytes], *, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
     """Yield (1-based number, raw line or None when it is too long, bytes consumed) with bounded memory:
-    a line is never read past `max_line_bytes`, the rest of an over-long line is skipped in chunks."""
+    a line is never read past `max_line_bytes` and its ending, the rest of an over-long line is skipped in
+    chunks. A UTF-8 byte order mark at the start of the file is dropped from the first line."""
     number = 0
     while True:
-        raw = stream.readline(max_line_bytes + 1)
+        # Room for the longest allowed line and a CRLF ending.
+        raw = stream.readline(max_line_bytes + 2)
         if not raw:
             return
         if isinstance(raw, str):
@@ -118,7 +133,7 @@ def _read_lines(stream: IO[bytes], *, max_line_bytes: int) -> Iterator[tuple[int
             refuse_archive(raw)
         number += 1
         consumed = len(raw)
-        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+        if _content_length(raw) > max_line_bytes:
             while not raw.endswith(b"\n"):
                 raw = stream.readline(1024 * 1024)
                 if not raw:
@@ -126,6 +141,8 @@ def _read_lines(stream: IO[bytes], *, max_line_bytes: int) -> Iterator[tuple[int
                 consumed += len(raw)
             yield number, None, consumed
             continue
+        if number == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
         yield number, raw, consumed
 
 
@@ -142,9 +159,7 @@ def _finite_float(text: str) -> float:
 
 
 # NUL and lone surrogates (models.UNSTORABLE) only arrive in a line through \u escapes.
-def _decode(raw: bytes, number: int) -> Any:
-    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+def _decode(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -477,7 +492,8 @@ def _flush(*, project: Project, rows: list[ParsedLine], report: ImportReport) ->
 
 def preferences_import(*, project: Project, stream: IO[bytes], format: str, batch_lines: int = BATCH_LINES,
                        progress: Callable[[int, int], None] | None = None) -> ImportReport:
-    """Import a JSONL stream (binary) of one of FORMATS into `project`, batch by batch.
+    """Import a JSONL stream (binary) of one of FORMATS into `project`, batch by batch (`batch_lines` lines, or
+    fewer when they add up to BATCH_BYTES).
 
     Bad lines are reported with their 1-based number and reason and never stop the import; each batch of
     good lines commits on its own. Prompts and responses are deduplicated by content hash within the project
@@ -490,21 +506,22 @@ def preferences_import(*, project: Project, stream: IO[bytes], format: str, batc
     report = ImportReport(format=format)
     rows: list[ParsedLine] = []
     bytes_read = 0
-    pending = 0
+    pending = pending_bytes = 0
     for number, raw, consumed in _read_lines(stream, max_line_bytes=max_line_bytes):
         report.lines_read = number
         bytes_read += consumed
         pending += 1
+        pending_bytes += consumed
         if raw is None:
             report.add_bad(number, f"line is longer than {max_line_bytes} bytes")
         elif raw.strip():
             try:
-                rows.append(parser(_decode(raw, number), number))
+                rows.append(parser(_decode(raw), number))
             except BadLine as exc:
                 report.add_bad(number, str(exc))
-        if pending >= batch_lines:
+        if pending >= batch_lines or pending_bytes >= BATCH_BYTES:
             _flush(project=project, rows=rows, report=report)
-            rows, pending = [], 0
+            rows, pending, pending_bytes = [], 0, 0
             if progress is not None:
                 progress(report.lines_read, bytes_read)
     _flush(project=project, rows=rows, report=report)

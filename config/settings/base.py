@@ -7,15 +7,16 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
-VAR_DIR = Path(environ.Env().str("PREFLAB_VAR_DIR", default=str(BASE_DIR / "var")))
 
 env = environ.Env(
     DJANGO_DEBUG=(bool, False),
     DJANGO_ALLOWED_HOSTS=(list, ["localhost", "127.0.0.1", "[::1]", "testserver"]),
 )
+# Read before any setting: a variable set in the process environment wins over the same one in the file.
 env_file = BASE_DIR / ".env"
 if env_file.exists():
     environ.Env.read_env(env_file)
+VAR_DIR = Path(env.str("PREFLAB_VAR_DIR", default=str(BASE_DIR / "var")))
 
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="preflab-insecure-local-key-change-me-in-production")
 DEBUG = env.bool("DJANGO_DEBUG")
@@ -251,6 +252,10 @@ PREFLAB = {
 LOG_FORMAT = env.str("PREFLAB_LOG_FORMAT", default="plain").lower()
 if LOG_FORMAT not in ("plain", "json"):
     raise ImproperlyConfigured(f"PREFLAB_LOG_FORMAT must be 'plain' or 'json', not {LOG_FORMAT!r}.")
+LOG_LEVEL = env.str("PREFLAB_LOG_LEVEL", default="INFO").strip().upper()
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    raise ImproperlyConfigured("PREFLAB_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR or CRITICAL, not "
+                               f"{env.str('PREFLAB_LOG_LEVEL')!r}.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -263,7 +268,7 @@ LOGGING = {
     # PREFLAB_LOG_FORMAT=json writes one JSON object per line (docker-compose); plain text suits a terminal.
     "handlers": {"console": {"class": "logging.StreamHandler", "filters": ["request_id"],
                              "formatter": LOG_FORMAT}},
-    "root": {"handlers": ["console"], "level": env.str("PREFLAB_LOG_LEVEL", default="INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         # Without handlers of its own: Django's default logging gives "django" a console handler under DEBUG, which
         # printed every record a second time (without the request id) beside the root's.

@@ -93,3 +93,13 @@ def test_a_source_without_usable_pairs_is_refused_and_loads_nothing(tmp_path):
     assert not Pair.objects.exists()
     with pytest.raises(CommandError, match="No such file"):
         call_command("bootstrap_demo", "--source", str(tmp_path / "missing.jsonl"))
+
+
+def test_demo_rows_read_a_file_with_a_byte_order_mark_and_skip_a_line_that_is_not_utf8(tmp_path):
+    source = tmp_path / "hh.jsonl"
+    first = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: What?"}
+    last = {"chosen": "\n\nHuman: Bye\n\nAssistant: Bye!", "rejected": "\n\nHuman: Bye\n\nAssistant: No."}
+    source.write_bytes(b"\xef\xbb\xbf" + json.dumps(first).encode() + b"\r\n"
+                       + b'{"chosen": "\xff"}\r\n' + json.dumps(last).encode() + b"\r\n")
+    rows = demo_rows(source=source, limit=10)
+    assert [row["responses"] for row in rows] == [["Hello.", "What?"], ["Bye!", "No."]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,26 @@ def test_the_stored_bad_line_list_is_capped_but_every_bad_line_is_counted(projec
     assert report.pairs_created == 1
 
 
+
+@pytest.mark.django_db
+def test_the_line_limit_counts_the_same_bytes_whatever_the_line_ending(project, settings):
+    row = json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"}).encode()
+    settings.PREFLAB = {**settings.PREFLAB, "IMPORT_MAX_LINE_BYTES": len(row)}
+    longer = json.dumps({"prompt": "p2", "chosen": "x", "rejected": "y"}).encode()
+    stream = io.BytesIO(row + b"\r\n" + longer + b"\r\n" + row.replace(b'"x"', b'"z"') + b"\n")
+    report = preferences_import(project=project, stream=stream, format="trl")
+    assert report.lines_read == 3
+    assert _bad(report) == [(2, f"line is longer than {len(row)} bytes")]
+    assert report.pairs_created == 2
+
+
+@pytest.mark.django_db
+def test_a_byte_order_mark_on_an_otherwise_blank_first_line_is_not_a_bad_line(project):
+    row = json.dumps({"prompt": "p", "chosen": "x", "rejected": "y"}).encode()
+    report = preferences_import(project=project, stream=io.BytesIO(b"\xef\xbb\xbf\r\n" + row + b"\r\n"),
+                                format="trl")
+    assert (report.lines_read, report.bad_line_count, report.pairs_created) == (2, 0, 1)
+
 @pytest.mark.django_db
 def test_an_unknown_format_is_refused(project):
     with pytest.raises(DomainError) as exc:
@@ -362,3 +383,21 @@ def test_command_creates_no_project_for_a_file_it_cannot_read(tmp_path):
                      no_progress=True, stdout=io.StringIO(), stderr=err)
     assert "Created project" not in err.getvalue()
     assert not Project.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_file_of_long_lines_is_written_in_batches_bounded_by_size_not_only_by_line_count(project, monkeypatch):
+    monkeypatch.setattr(imports, "BATCH_BYTES", 1024 * 1024)
+    lines = [{"prompt": f"p{i}", "chosen": f"{i}" + "x" * 256 * 1024, "rejected": f"{i}" + "y" * 256 * 1024}
+             for i in range(32)]
+    stream = _stream(*lines)
+    size = len(stream.getvalue())
+    tracemalloc.start()
+    try:
+        report = preferences_import(project=project, stream=stream, format="trl")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.pairs_created == 32 and report.bad_line_count == 0
+    # The 16 MiB file is held a batch of about 1 MiB at a time, not whole.
+    assert peak < size / 2, f"peak {peak} bytes for a file of {size}"

@@ -37,13 +37,15 @@ def demo_rows(*, source: Path, limit: int) -> list[dict[str, Any]]:
     """Up to `limit` rows of an HH file as `candidates` rows: the shared dialogue and the two final replies,
     without the preference, so that the pairs wait for labels. Lines that do not parse are skipped."""
     rows: list[dict[str, Any]] = []
-    with source.open(encoding="utf-8") as handle:
+    with source.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if len(rows) >= limit:
                 break
             try:
-                parsed = parse_hh(json.loads(line), number)
-            except (BadLine, ValueError, TypeError, AttributeError):
+                # A byte order mark may open the file; a line that is not UTF-8 is skipped like any bad line.
+                text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+                parsed = parse_hh(json.loads(text), number)
+            except (BadLine, ValueError, TypeError, AttributeError):  # UnicodeDecodeError is a ValueError
                 continue
             rows.append({"prompt": parsed.prompt, "responses": [response.text for response in parsed.responses]})
     return rows
