@@ -85,3 +85,34 @@ def test_a_connection_in_a_failed_transaction_is_not_usable(kept):
     kept.rollback()
     kept.set_autocommit(True)
     assert kept.is_usable()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_a_kept_connection_on_a_descriptor_past_1023_passes_the_health_check():
+    """A busy process (threads, model files, client sockets) can hold more than 1,024 descriptors; a check that
+    cannot look at the connection's socket would call it unusable and reconnect on every request."""
+    import os
+    import resource
+
+    from django.db import connections
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = []
+    try:
+        while not filler or filler[-1] < 1100:  # the lowest free numbers, taken, push the next socket past 1100
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        wrapper = connections.create_connection("default")
+        wrapper.connect()
+        try:
+            assert wrapper.connection.pgconn.socket > 1023
+            assert wrapper.is_usable()
+        finally:
+            wrapper.close()
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

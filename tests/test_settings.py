@@ -65,3 +65,23 @@ def test_an_unknown_log_level_is_named_in_the_error(tree):
     result = _settings_of(tree, "", PREFLAB_LOG_LEVEL="verbose")
     assert result.returncode != 0
     assert "PREFLAB_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR or CRITICAL, not 'verbose'" in result.stderr
+
+
+def test_on_redis_a_training_task_is_not_handed_out_again_while_it_may_still_run(tree):
+    """Redis redelivers an unacknowledged message after its visibility timeout; a training task is acknowledged
+    when it ends, so the timeout must outlast the task's hard time limit."""
+    code = "print(s['CELERY_BROKER_TRANSPORT_OPTIONS'].get('visibility_timeout'), s['PREFLAB']['TRAINING_TIME_LIMIT'])"
+    result = _settings_of(tree, code, CELERY_BROKER_URL="redis://127.0.0.1:6379/14",
+                          PREFLAB_TRAINING_TIME_LIMIT="7200")
+    timeout, limit = (int(value) for value in result.stdout.split())
+    assert timeout > limit == 7200, result.stderr
+    # The file-system broker of the embedded default keeps its own options.
+    result = _settings_of(tree, "print(sorted(s['CELERY_BROKER_TRANSPORT_OPTIONS']))")
+    assert "visibility_timeout" not in result.stdout and "data_folder_in" in result.stdout, result.stderr
+
+
+def test_a_stale_run_sweep_not_taken_within_its_minute_is_dropped():
+    from worker.celery import app
+
+    entry = app.conf.beat_schedule["training-runs-recover-stale"]
+    assert entry["options"]["expires"] <= entry["schedule"]

@@ -25,7 +25,10 @@ app.conf.task_routes = {
 # beat`), and at every worker start. It is one indexed query when nothing is lost, and a run on another machine
 # counts as lost after three missed heartbeats (a minute by default), so it runs every minute.
 app.conf.beat_schedule = {
-    "training-runs-recover-stale": {"task": "worker.tasks.training_runs_recover_stale", "schedule": 60.0},
+    # Dropped when not taken within its minute: a worker busy training (one task at a time) would otherwise find
+    # hundreds of sweeps queued up when it finishes, each doing the same work.
+    "training-runs-recover-stale": {"task": "worker.tasks.training_runs_recover_stale", "schedule": 60.0,
+                                    "options": {"expires": 60}},
 }
 
 

@@ -27,7 +27,10 @@ class DatabaseWrapper(base.DatabaseWrapper):
             return False
         pgconn = connection.pgconn
         try:
-            readable, _, _ = select.select([pgconn.socket], [], [], 0)
+            # poll, not select: select refuses a descriptor numbered 1024 or more, which a busy process can hold.
+            poller = select.poll()
+            poller.register(pgconn.socket, select.POLLIN | select.POLLPRI)
+            readable = bool(poller.poll(0))
         except (OSError, ValueError, base.Database.Error):
             return False
         status = base.Database.pq.TransactionStatus

@@ -249,6 +249,13 @@ PREFLAB = {
     "METRICS_TOKEN": env.str("PREFLAB_METRICS_TOKEN", default=""),
 }
 
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # Redis hands an unacknowledged message out again after `visibility_timeout` (an hour by default). Training
+    # tasks are acknowledged when they end (acks_late), so a run longer than that was delivered again every hour,
+    # each copy waiting behind it for a worker only to find the run taken. Past the hard time limit, no task is
+    # still running; a run whose worker died is queued again by the heartbeat sweep, not by redelivery.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": PREFLAB["TRAINING_TIME_LIMIT"] + 600}
+
 LOG_FORMAT = env.str("PREFLAB_LOG_FORMAT", default="plain").lower()
 if LOG_FORMAT not in ("plain", "json"):
     raise ImproperlyConfigured(f"PREFLAB_LOG_FORMAT must be 'plain' or 'json', not {LOG_FORMAT!r}.")

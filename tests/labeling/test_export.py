@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from labeling import services
 from labeling.exports import preferences_export
@@ -17,6 +20,7 @@ from tests.conftest import client_for
 from tests.factories import PairFactory, ProjectFactory, UserFactory
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "hh-sample.jsonl"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _import_fixture(project) -> None:
@@ -143,6 +147,31 @@ def test_command_writes_a_file_or_standard_output(project, tmp_path):
                  stderr=io.StringIO())
     assert len(out.getvalue().splitlines()) == 39
     assert list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.django_db
+def test_command_refuses_a_directory_as_output(project, tmp_path):
+    _import_fixture(project)
+    with pytest.raises(CommandError, match="is a directory; name the file to write"):
+        call_command("export_preferences", project=project.slug, format="trl", output=str(tmp_path),
+                     stderr=io.StringIO())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`export_preferences --output - | head -n 1`: the export stops when head does, without a traceback."""
+    env = {**os.environ, "PREFLAB_VAR_DIR": str(tmp_path)}
+    env.pop("DATABASE_URL", None)  # its own SQLite database, which the commands below fill
+    for command in (["migrate", "-v", "0"],
+                    ["import_preferences", str(FIXTURE), "--project", "pipe", "--format", "hh", "--create",
+                     "--no-progress"]):
+        subprocess.run([sys.executable, "manage.py", *command], cwd=ROOT, env=env, check=True, capture_output=True,
+                       timeout=300)
+    result = subprocess.run(
+        f"{sys.executable} manage.py export_preferences --project pipe --format trl --output - | head -n 1",
+        shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert len(result.stdout.splitlines()) == 1 and json.loads(result.stdout)["chosen"]
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
 
 
 # --- round trip into TRL ---------------------------------------------------------------------------------

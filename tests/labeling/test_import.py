@@ -368,6 +368,23 @@ def test_command_reports_an_unreadable_file(project):
 
 
 @pytest.mark.django_db
+def test_command_fails_when_no_line_of_the_file_could_be_imported(project, tmp_path):
+    # The HH fixture read as TRL rows: every line is bad, and a script must see a failure, not exit status 0.
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match=r"Nothing was imported: every line was bad\. Is the file in the 'trl'"):
+        call_command("import_preferences", str(FIXTURE), project=project.slug, format="trl", no_progress=True,
+                     stdout=out, stderr=err)
+    assert "0 pairs created" in out.getvalue() and "line 1:" in err.getvalue()
+    # One good line among bad ones, or a file already imported (duplicates), is a success with a report.
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}\nnot json\n', encoding="utf-8")
+    for _ in range(2):
+        call_command("import_preferences", str(mixed), project=project.slug, format="trl", no_progress=True,
+                     stdout=io.StringIO(), stderr=io.StringIO())
+    assert Pair.objects.filter(project=project).count() == 1
+
+
+@pytest.mark.django_db
 def test_command_creates_no_project_for_a_file_it_cannot_read(tmp_path):
     err = io.StringIO()
     with pytest.raises(CommandError, match=r"^Cannot read /nonexistent\.jsonl: No such file or directory\.$"):

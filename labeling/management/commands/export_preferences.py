@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,10 +27,16 @@ class Command(BaseCommand):
         lines = preferences_export(project=target, format=format)
         if output == "-":
             count = 0
-            for line in lines:
-                self.stdout.write(line, ending="")
-                count += 1
-            self.stdout.flush()
+            try:
+                for line in lines:
+                    self.stdout.write(line, ending="")
+                    count += 1
+                self.stdout.flush()
+            except BrokenPipeError:
+                # The reader stopped early (`| head`): as for any Unix filter, that ends the export quietly.
+                # Standard output goes to /dev/null so that Python's flush at exit does not fail again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return
         else:
             count = self._write_file(Path(output), lines)
         self.stderr.write(f"Exported {count} rows ({format}) from '{project}'.")
@@ -40,6 +47,8 @@ class Command(BaseCommand):
         directory = path.resolve().parent
         if not directory.is_dir():
             raise CommandError(f"Directory {directory} does not exist.")
+        if path.is_dir():
+            raise CommandError(f"{path} is a directory; name the file to write.")
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".part")
         count = 0
         try:
