@@ -128,6 +128,8 @@ class RewardScorer:
         The sequences are scored in length order, in the forward batches `forward_batches_plan` picks (at most
         `batch_size` each), so a batch pads only to the longest of neighbours of similar length.
         `overhead_tokens` overrides the device's cost of a forward pass (a huge value gives the fewest batches).
+        A sequence given more than once is scored once: float32 logits move in their last bits with the shape of
+        the batch a sequence lands in, and two copies landing in different batches would compare as unequal.
         """
         import torch
 
@@ -135,6 +137,16 @@ class RewardScorer:
             raise ValueError("batch_size must be at least 1.")
         if not sequences:
             return []
+        slot: dict[tuple[int, ...], int] = {}
+        unique: list[Sequence[int]] = []
+        for ids in sequences:
+            key = tuple(ids)
+            if key not in slot:
+                slot[key] = len(unique)
+                unique.append(ids)
+        if len(unique) < len(sequences):
+            scores = self.score_ids(unique, batch_size=batch_size, overhead_tokens=overhead_tokens)
+            return [scores[slot[tuple(ids)]] for ids in sequences]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         lengths = [len(sequences[i]) for i in order]
         if overhead_tokens is None:

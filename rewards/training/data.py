@@ -28,7 +28,16 @@ class PreferenceExample:
 
 
 def prompt_key(prompt: str | Messages) -> str:
-    """The identity of a prompt for splitting and grouping: its canonical JSON."""
+    """The identity of a prompt for splitting and grouping: the canonical JSON of what a model sees. A string is
+    one user message (see prompt_messages), so a one-turn user conversation has the key of its text, and keys
+    other than role and content are left out."""
+    try:
+        messages = prompt_messages(prompt)
+    except ValueError:
+        messages = None
+    if messages is not None:
+        single = len(messages) == 1 and messages[0]["role"] == "user"
+        prompt = messages[0]["content"] if single else messages
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 

@@ -252,7 +252,9 @@ def generate_greedy_ids(
     try:
         for start in range(0, len(prompts), batch_size):
             encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
-            batch = tokenizer.pad([{"input_ids": ids} for ids in encoded], padding=True, return_tensors="pt")
+            # Left padding whatever the tokenizer's own side (a folder's tokenizer usually pads on the right).
+            batch = tokenizer.pad([{"input_ids": ids} for ids in encoded], padding=True, padding_side="left",
+                                  return_tensors="pt")
             batch = batch.to(device)
             with torch.no_grad():
                 output = model.generate(
@@ -291,10 +293,11 @@ def judge_win_rate(
     from rewards.scoring import RewardScorer
 
     scorer = RewardScorer.load(judge_path)
-    trained_scores = score_responses(scorer, prompts, trained)
-    base_scores = score_responses(scorer, prompts, base)
-    wins = sum(1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(trained_scores, base_scores, strict=True))
+    # Both sides in one call, so an answer the training left unchanged is scored once and is an exact tie.
     count = len(prompts)
+    scores = score_responses(scorer, [*prompts, *prompts], [*trained, *base])
+    trained_scores, base_scores = scores[:count], scores[count:]
+    wins = sum(1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(trained_scores, base_scores, strict=True))
     return {
         "win_rate_vs_base": wins / count,
         "judge_reward_trained": sum(trained_scores) / count,

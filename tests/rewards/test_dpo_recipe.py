@@ -15,6 +15,8 @@ from rewards.training.dpo import (
     DPO_DEFAULTS,
     fit_conversation,
     generate_greedy,
+    generate_greedy_ids,
+    judge_win_rate,
     train_dpo,
     validate_dpo_hyperparameters,
 )
@@ -99,6 +101,30 @@ def test_dpo_trains_judges_and_saves_a_loadable_policy(models, tmp_path):
     assert manifest["config"]["beta"] == DPO_DEFAULTS["beta"]
     assert manifest["metrics"]["win_rate_vs_base"] == result.metrics["win_rate_vs_base"]
     assert not (tmp_path / "run" / "trainer").exists()
+
+
+def test_batched_greedy_answers_equal_one_by_one_with_a_right_padding_tokenizer(models):
+    lm_path, _ = models
+    tokenizer = AutoTokenizer.from_pretrained(lm_path)
+    model = AutoModelForCausalLM.from_pretrained(lm_path)
+    assert tokenizer.padding_side == "right"
+    prompts = [[{"role": "user", "content": "hi"}],
+               [{"role": "user", "content": "tell me a much longer story about the sea and the ships on it"}]]
+    batched = generate_greedy_ids(model, tokenizer, prompts, max_new_tokens=6)
+    assert batched == [generate_greedy_ids(model, tokenizer, [prompt], max_new_tokens=6)[0] for prompt in prompts]
+
+
+def test_an_answer_the_training_left_unchanged_is_a_tie(models):
+    _, judge_path = models
+    prompts = [f"question {n}?" for n in range(8)]
+    base = [" ".join(["word"] * (n + 1)) for n in range(8)]
+    trained = [" ".join(["other"] * 60), *base[1:]]
+    judge = RewardScorer.load(judge_path)
+    first_trained, first_base = (judge.score(prompts[0], [answer])[0] for answer in (trained[0], base[0]))
+    assert first_trained != first_base
+    # One answer changed and seven did not: seven ties at a half each, and the changed one a win or a loss.
+    expected = ((1.0 if first_trained > first_base else 0.0) + 7 * 0.5) / 8
+    assert judge_win_rate(judge_path, prompts, trained, base)["win_rate_vs_base"] == expected
 
 
 def test_dpo_with_lora_and_string_prompts_saves_merged_weights(models, tmp_path):

@@ -124,6 +124,23 @@ def test_split_by_prompt_keeps_each_prompt_on_one_side_and_is_order_independent(
     assert {id(e) for e in other} != {id(e) for e in evaluation}
 
 
+def test_a_string_and_the_user_message_it_stands_for_fall_on_the_same_side(bert_tokenizer):
+    # The same questions imported once as text and once as a one-turn conversation render alike for the model,
+    # so one of each on both sides of the split would test the model on prompts it was trained on.
+    examples = []
+    for i in range(20):
+        examples.append(PreferenceExample(prompt=f"question {i}", chosen="good", rejected="bad"))
+        examples.append(PreferenceExample(prompt=[{"role": "user", "content": f"question {i}"}], chosen="fine",
+                                          rejected="poor"))
+    encoder = RewardEncoder(bert_tokenizer, RewardFormat(max_length=64, template="plain"))
+    train, evaluation = split_by_prompt(examples, eval_fraction=0.25, seed=0)
+    assert evaluation
+    rendered = {side: {encoder.render(e.prompt, "")[0] for e in part}
+                for side, part in (("train", train), ("eval", evaluation))}
+    assert not rendered["train"] & rendered["eval"]
+    assert len(evaluation) % 2 == 0
+
+
 def test_split_edge_cases():
     two = [PreferenceExample(prompt="a", chosen="x", rejected="y"), PreferenceExample(prompt="b", chosen="x",
                                                                                        rejected="y")]
@@ -233,6 +250,17 @@ def test_score_ids_runs_the_planned_batches_and_answers_in_the_given_order(tiny_
     shapes.clear()
     tiny_scorer.score_ids(sequences, batch_size=16, overhead_tokens=10**6)
     assert shapes == [(6, lengths[5])]
+
+
+def test_a_sequence_given_twice_gets_one_score(tiny_scorer):
+    # Eight answers and the same eight with the first made long: the copies of the other seven fall into
+    # differently shaped batches, which moves float32 logits in their last bits.
+    answers = [" ".join(["word"] * (n + 1)) for n in range(8)]
+    sequences = [tiny_scorer.encode(f"question {n}?", answer).input_ids for n, answer in enumerate(answers)]
+    long = tiny_scorer.encode("question 0?", " ".join(["other"] * 60)).input_ids
+    scores = tiny_scorer.score_ids([long, *sequences[1:], *sequences])
+    assert scores[1:8] == scores[9:]
+    assert scores[0] != scores[8]
 
 
 class LengthScorer:
