@@ -10,6 +10,7 @@ from collections.abc import Callable
 from django.core.signals import request_finished
 from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse
+from django.middleware.common import CommonMiddleware as DjangoCommonMiddleware
 from django.utils.functional import SimpleLazyObject, empty
 
 from config.logging import NO_REQUEST_ID, request_id_var
@@ -87,3 +88,14 @@ class RequestContextMiddleware:
         }
         level = logging.ERROR if status >= 500 else logging.INFO
         access_logger.log(level, "%s %s %s %.2fms", request.method, request.path, status, duration_ms, extra=fields)
+
+
+class CommonMiddleware(DjangoCommonMiddleware):
+    """Django's, except that an /api/ request with a body (POST, PUT, PATCH, DELETE) to a path missing its trailing
+    slash is not redirected to the path with it: a 301 makes clients send it again as a GET without its body, and
+    under DEBUG Django raises instead (a 500). It gets the API's JSON 404, which names the path to use."""
+
+    def should_redirect_with_slash(self, request: HttpRequest) -> bool:
+        if request.method not in ("GET", "HEAD") and request.path_info.startswith("/api/"):
+            return False
+        return super().should_redirect_with_slash(request)

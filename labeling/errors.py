@@ -10,6 +10,7 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.urls import is_valid_path
 from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -118,8 +119,12 @@ def _is_api(request: HttpRequest) -> bool:
     return request.path_info.startswith("/api/")
 
 
-def _api_not_found() -> JsonResponse:
-    return JsonResponse(error_body(message="Not found.", code="not_found"), status=status.HTTP_404_NOT_FOUND)
+def _api_not_found(request: HttpRequest | None = None) -> JsonResponse:
+    message = "Not found."
+    if request is not None and not request.path_info.endswith("/") and is_valid_path(f"{request.path_info}/"):
+        # A request with a body is not redirected to the path with its slash (see config.middleware).
+        message = f"Not found. API paths end in a slash: {request.path_info}/"
+    return JsonResponse(error_body(message=message, code="not_found"), status=status.HTTP_404_NOT_FOUND)
 
 
 def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
@@ -143,5 +148,5 @@ class ApiNotFoundMiddleware:
         response = self.get_response(request)
         # No resolver_match: the 404 came from the URL resolver, not from a view that answered it.
         if response.status_code == 404 and getattr(request, "resolver_match", None) is None and _is_api(request):
-            return _api_not_found()
+            return _api_not_found(request)
         return response

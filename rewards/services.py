@@ -425,12 +425,24 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
         shutil.rmtree(output_dir, ignore_errors=True)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return TrainingRun.objects.get(pk=run.pk)
+    if run.kind == TrainingRun.Kind.REWARD:
+        _attempt_log(run, progress.log_lines, _shortened_message(run, result))
     run = _training_run_succeed(run=run, result=result, history=progress.history, attempt=attempt,
                                 base_model=base_model_label(run.base_model, default=recipe.default_base_name),
                                 base_model_path=base_model)
     if run.status == TrainingRun.Status.SUCCEEDED and run.attempts == attempt:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return run
+
+
+def _shortened_message(run: TrainingRun, result: Any) -> str:
+    """How many pairs a reward run kept by shortening them (TRL on its own would have dropped them)."""
+    pairs = result.train_pairs + result.eval_pairs
+    cut = int((result.extra or {}).get("response_cut_pairs", 0))
+    replies = f"; {cut} of them also had a reply longer than that, cut to its start" if cut else ""
+    return (f"{result.shortened_pairs} of {pairs} pairs were longer than max_length "
+            f"({run.hyperparameters.get('max_length')} tokens) and were kept with the prompt cut from the "
+            f"left{replies}; none was dropped")
 
 
 def _no_eval_message(run: TrainingRun) -> str:

@@ -43,7 +43,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
+    # Django's, but an /api/ request with a body is not redirected to add a missing trailing slash.
+    "config.middleware.CommonMiddleware",
     # Inside CommonMiddleware, whose missing-slash redirect must still see the 404 of an unmatched /api/ URL.
     "labeling.errors.ApiNotFoundMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

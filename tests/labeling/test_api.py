@@ -255,6 +255,24 @@ def test_outside_the_api_no_route_is_djangos_page_and_a_missing_slash_still_redi
     assert client.get("/api/docs/").status_code == 200
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("debug", [True, False], ids=["debug", "no-debug"])
+@pytest.mark.parametrize("method", ["post", "put", "patch", "delete"])
+def test_an_api_request_with_a_body_to_a_path_missing_its_slash_is_a_json_404_naming_the_path(
+        client, settings, debug, method):
+    # A redirect would lose the body (clients resend a 301 as a GET), and under DEBUG Django raised instead: a 500.
+    settings.DEBUG = debug
+    response = getattr(client, method)("/api/v1/auth/token", {"username": "u", "password": "p"},
+                                       content_type="application/json")
+    assert response.status_code == 404 and response["Content-Type"] == "application/json"
+    assert response.json()["error"] == {"code": "not_found", "field": None,
+                                        "message": "Not found. API paths end in a slash: /api/v1/auth/token/"}
+    # Reads still follow the redirect; a path that is wrong with the slash too says only "Not found."
+    assert client.get("/api/v1/projects").status_code == 301
+    assert client.post("/api/v1/nothing", {}, content_type="application/json").json()["error"]["message"] == (
+        "Not found.")
+
+
 # Larger than any id PostgreSQL's bigint or SQLite's INTEGER can hold: the database would refuse the query.
 HUGE_ID = 99999999999999999999999
 

@@ -550,6 +550,23 @@ def test_train_command_with_wait_trains_in_the_foreground(project, tmp_path, set
 
 
 @pytest.mark.django_db
+def test_a_reward_run_says_in_its_log_how_many_pairs_it_kept_by_shortening_them(project, tmp_path, settings):
+    from tests.rewards.tiny import tiny_reward_model
+
+    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    labeled_pairs(project, count=4)
+    run = services.training_run_start(project=project, kind="reward", base_model=str(tiny_reward_model(tmp_path)),
+                                      hyperparameters={**TINY, "max_length": 16}, eval_fraction=0.25, queue=False)
+    run = services.training_run_execute(run_id=run.pk)
+    assert run.status == TrainingRun.Status.SUCCEEDED, run.error
+    lineage = RewardModel.objects.get(training_run=run).lineage
+    assert lineage["shortened_pairs"] > 0
+    assert (f"{lineage['shortened_pairs']} of 4 pairs were longer than max_length (16 tokens) and were kept with "
+            "the prompt cut from the left") in run.log_tail
+    assert "none was dropped" in run.log_tail
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize(("count", "eval_fraction", "held_out", "reason"), [
     (2, 0.0, 0, "no pairs held out (eval_fraction is 0): the run trains on all 2 pairs"),
     (1, 0.2, 0, "no pairs held out: the split is by prompt, and the one pair has a single prompt"),
