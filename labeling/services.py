@@ -157,7 +157,7 @@ def membership_remove(*, project: Project, user: AbstractBaseUser) -> None:
     _keep_a_manager(project=project, user=user, field="username")
     deleted, _ = Membership.objects.filter(project=project, user=user).delete()
     if not deleted:
-        raise NotFound(f"{user} is not a member of {project.slug}.", field="user")
+        raise NotFound(f"{user} is not a member of {project.slug}.", field="username")
     Lease.objects.filter(pair__project=project, labeler=user).delete()
 
 

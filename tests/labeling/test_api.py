@@ -99,6 +99,8 @@ def test_managers_manage_members(project, manager, labeler):
     assert missing.status_code == 404 and missing.json()["error"]["field"] == "username"
     assert client.delete(f"{url}{newcomer.username}/").status_code == 204
     assert not Membership.objects.filter(user=newcomer).exists()
+    again = client.delete(f"{url}{newcomer.username}/")
+    assert again.status_code == 404 and again.json()["error"]["field"] == "username"
     # A removed member loses access at once.
     assert client_for(newcomer).get(f"/api/v1/projects/{project.slug}/next/").status_code == 404
 

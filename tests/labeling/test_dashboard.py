@@ -291,7 +291,7 @@ def test_member_errors_are_shown_with_the_field(project, manager):
     response = client.post(url, {"username": manager.username, "role": "owner"})
     assert response.status_code == 400 and "Not changed (role)" in response.content.decode()
     response = client.post(f"{url}remove/", {"username": UserFactory().username})
-    assert response.status_code == 404 and "Not changed (user)" in response.content.decode()
+    assert response.status_code == 404 and "Not changed (username)" in response.content.decode()
     assert Membership.objects.get(user=manager).role == "manager"
 
 
