@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError, transaction
 
 from labeling.errors import DomainError
-from labeling.models import UNSTORABLE, Comparison, Pair, Project, Prompt, Response, content_hash
+from labeling.models import Comparison, Pair, Project, Prompt, Response, content_hash, unstorable_path
 
 FORMATS = ("hh", "trl", "candidates")
 BATCH_LINES = 1000
@@ -171,21 +171,14 @@ def _decode(raw: bytes) -> Any:
     if not isinstance(value, dict):
         raise BadLine(f"expected a JSON object, got {_type_name(value)}")
     if "\\u" in text:
-        _check_storable(value, "")
+        _check_storable(value)
     return value
 
 
-def _check_storable(value: Any, path: str) -> None:
-    if isinstance(value, str):
-        if UNSTORABLE.search(value):
-            raise BadLine(f"'{path or 'value'}' contains a NUL character or an unpaired surrogate")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_storable(key, path)
-            _check_storable(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_storable(item, f"{path}[{index}]")
+def _check_storable(value: Any) -> None:
+    where = unstorable_path(value)
+    if where:
+        raise BadLine(f"'{where}' contains a NUL character or an unpaired surrogate")
 
 
 def _type_name(value: Any) -> str:

@@ -21,6 +21,20 @@ ID_MAX = 2**63 - 1
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def unstorable_path(value: Any, path: str = "") -> str | None:
+    """The path (`prompt[0].content`) of the first string, key or value, of a JSON value that holds an UNSTORABLE
+    character, or None. `path` names the value itself ("" for a whole document: its keys name themselves)."""
+    if isinstance(value, str):
+        return (path or "value") if UNSTORABLE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        found = unstorable_path(key, path) or unstorable_path(item, inner)
+        if found:
+            return found
+    return None
+
+
 def content_hash(value: Any) -> str:
     """Stable SHA-256 of a string or JSON value; the deduplication key for prompts and responses."""
     if isinstance(value, str):

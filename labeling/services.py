@@ -18,7 +18,6 @@ from django.utils import timezone
 from labeling import queries, selectors
 from labeling.errors import Conflict, DomainError, NotFound
 from labeling.models import (
-    UNSTORABLE,
     ApiToken,
     Choice,
     Comparison,
@@ -29,6 +28,7 @@ from labeling.models import (
     Prompt,
     Response,
     content_hash,
+    unstorable_path,
 )
 
 # The labeler's frame: what they saw on the left and on the right.
@@ -189,21 +189,9 @@ def api_token_revoke(*, token: ApiToken) -> ApiToken:
 # --- prompts, responses, pairs --------------------------------------------------------------------------
 
 
-def unstorable_path(value: Any, path: str) -> str | None:
-    """The path (`prompt[0].content`) of the first string, key or value, of a JSON value that the database
-    cannot store, or None."""
-    if isinstance(value, str):
-        return path if UNSTORABLE.search(value) else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = (unstorable_path(key, path)
-                 or unstorable_path(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"))
-        if found:
-            return found
-    return None
-
-
-def _validate_storable(value: Any, field: str) -> None:
+def text_storable_check(value: Any, *, field: str) -> None:
+    """A 400 naming the first string of a request's value (a prompt, a response) that the database cannot store:
+    a NUL character or a lone surrogate."""
     where = unstorable_path(value, field)
     if where:
         raise DomainError(f"{where} contains a NUL character or an unpaired surrogate.", field=where)
@@ -213,7 +201,7 @@ def _validate_prompt(content: Any) -> None:
     if isinstance(content, str):
         if not content.strip():
             raise DomainError("The prompt is empty.", field="prompt")
-        _validate_storable(content, "prompt")
+        text_storable_check(content, field="prompt")
         return
     if not isinstance(content, list) or not content:
         raise DomainError("A prompt is a non-empty string or a non-empty list of chat messages.", field="prompt")
@@ -221,7 +209,7 @@ def _validate_prompt(content: Any) -> None:
         if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
                 or not isinstance(message.get("content"), str)):
             raise DomainError(f"Message {index} needs string 'role' and 'content'.", field=f"prompt[{index}]")
-    _validate_storable(content, "prompt")
+    text_storable_check(content, field="prompt")
 
 
 def prompt_get_or_create(*, project: Project, content: Any) -> Prompt:
@@ -235,7 +223,7 @@ def response_get_or_create(*, project: Project, text: str, model_name: str = "",
                            metadata: dict[str, Any] | None = None, field: str = "response") -> Response:
     if not isinstance(text, str) or not text.strip():
         raise DomainError("A response must be a non-empty string.", field=field)
-    _validate_storable(text, field)
+    text_storable_check(text, field=field)
     response, _ = Response.objects.get_or_create(
         project=project, content_hash=content_hash(text),
         defaults={"text": text, "model_name": model_name, "metadata": metadata or {}},

@@ -147,9 +147,14 @@ class TrainingRunCancelApi(APIView):
         return Response(TrainingRunOutput(run).data)
 
 
+class ProjectQuerySerializer(serializers.Serializer):
+    """`?project=<slug>`: the registry lists are per project."""
+
+    project = serializers.SlugField()
+
+
 class RewardModelListApi(APIView):
-    class InputSerializer(serializers.Serializer):
-        project = serializers.SlugField()
+    InputSerializer = ProjectQuerySerializer
 
     @extend_schema(parameters=[InputSerializer], responses={200: RewardModelOutput(many=True), **ERRORS})
     def get(self, request):
@@ -163,8 +168,7 @@ class PolicyListApi(APIView):
     """The project's policy versions (registered by DPO and RLHF runs), newest first: their ids are what
     /generate/ takes as `policy`."""
 
-    class InputSerializer(serializers.Serializer):
-        project = serializers.SlugField()
+    InputSerializer = ProjectQuerySerializer
 
     @extend_schema(parameters=[InputSerializer], responses={200: PolicyOutput(many=True), **ERRORS})
     def get(self, request):

@@ -245,32 +245,16 @@ def _rerank_setting(name: str, default: Any) -> Any:
     return settings.PREFLAB.get(name, default)
 
 
-# The prompt may be stored as a labeling pair (PostgreSQL text holds no NUL), and every text is hashed and
-# tokenized as UTF-8, which has no encoding for a lone surrogate (a JSON "\ud800" escape).
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# Every text is hashed and tokenized as UTF-8, which has no encoding for a lone surrogate (a JSON "\ud800" escape).
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _unstorable_path(value: Any, path: str, pattern: re.Pattern[str]) -> str | None:
-    """The path of the first string in a JSON value that `pattern` finds a character in, or None."""
-    if isinstance(value, str):
-        return path if pattern.search(value) else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = (_unstorable_path(key, path, pattern)
-                 or _unstorable_path(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}", pattern))
-        if found:
-            return found
-    return None
-
-
 def prompt_text_check(prompt: Any) -> None:
-    """A 400 naming the first string of a request's prompt that holds a NUL character or a lone surrogate."""
-    from labeling.errors import DomainError
+    """A 400 naming the first string of a request's prompt that holds a NUL character or a lone surrogate: the
+    prompt may be stored as a labeling pair (PostgreSQL text holds no NUL)."""
+    from labeling.services import text_storable_check
 
-    where = _unstorable_path(prompt, "prompt", _UNSTORABLE)
-    if where:
-        raise DomainError(f"{where} contains a NUL character or an unpaired surrogate.", field=where)
+    text_storable_check(prompt, field="prompt")
 
 
 def _rerank_validate(*, prompt: Any, candidates: Any, top_k: int | None) -> None:
