@@ -420,11 +420,16 @@ def _write_batch(*, project: Project, rows: list[ParsedLine]) -> _BatchCounts:
     labeled_status = Pair.Status.COMPLETE if project.labels_per_pair <= 1 else Pair.Status.OPEN
     new_pairs: list[Pair] = []
     margins: dict[tuple[int, int, int], float | None] = {}
+    # Labels for pairs already in the project: key -> (chosen response's id, margin).
+    later: dict[tuple[int, int, int], tuple[int, float | None]] = {}
     for row, (prompt_key, keys) in zip(rows, row_keys, strict=True):
         prompt_id = prompt_ids[prompt_key]
         ids = [response_ids[key] for key in keys]
         for a, b in itertools.combinations(ids, 2):
             key = (prompt_id, min(a, b), max(a, b))
+            if a != b and key in existing and row.labeled and key not in margins and key not in later:
+                later[key] = (a, row.margin)  # a labeled row lists the chosen response first
+                continue
             if a == b or key in existing:
                 counts.duplicates += 1
                 continue
@@ -436,12 +441,20 @@ def _write_batch(*, project: Project, rows: list[ParsedLine]) -> _BatchCounts:
             else:
                 new_pairs.append(Pair(project=project, prompt_id=prompt_id, response_a_id=a, response_b_id=b,
                                       priority=row.priority, source="import"))
-    if not new_pairs:
-        return counts
-    Pair.objects.bulk_create(new_pairs, ignore_conflicts=True)
-    counts.pairs = len(new_pairs)
-    if not margins:
-        return counts
+    if new_pairs:
+        Pair.objects.bulk_create(new_pairs, ignore_conflicts=True)
+        counts.pairs = len(new_pairs)
+    if margins:
+        counts.comparisons = _label_new_pairs(project=project, margins=margins)
+    if later:
+        added = _label_existing_pairs(project=project, labels=later)
+        counts.comparisons += added
+        counts.duplicates += len(later) - added
+    return counts
+
+
+def _label_new_pairs(*, project: Project, margins: dict[tuple[int, int, int], float | None]) -> int:
+    """The imported label of each pair this batch made from a labeled row (response A is the chosen one)."""
     created = Pair.objects.filter(project=project, prompt_id__in={key[0] for key in margins},
                                   source="import").values_list("id", "prompt_id", "response_a_id", "response_b_id")
     comparisons = []
@@ -452,8 +465,38 @@ def _write_batch(*, project: Project, rows: list[ParsedLine]) -> _BatchCounts:
                                           source=Comparison.Source.IMPORT, choice=Comparison.Choice.A,
                                           margin=margins.pop(key)))
     Comparison.objects.bulk_create(comparisons, ignore_conflicts=True)
-    counts.comparisons = len(comparisons)
-    return counts
+    return len(comparisons)
+
+
+def _label_existing_pairs(*, project: Project, labels: dict[tuple[int, int, int], tuple[int, float | None]]) -> int:
+    """Add the imported label of each pair that has none yet (a pair imported as `candidates`, or made here,
+    labeled later by a file of the team's own labels), under the pairs' row locks like a labeler's answer, and
+    complete the pairs it fills. A pair that already carries an imported label, and a gold pair (its answer is the
+    manager's), keep what they have. Returns how many labels were added."""
+    ids = {}
+    for pair_id, prompt_id, a, b in (Pair.objects.filter(project=project, prompt_id__in={key[0] for key in labels})
+                                     .values_list("id", "prompt_id", "response_a_id", "response_b_id")):
+        key = (prompt_id, min(a, b), max(a, b))
+        if key in labels:
+            ids[pair_id] = key
+    # Locked in id order, so that two imports of overlapping files wait for each other instead of deadlocking;
+    # the imported labels are read after the locks are held, so a concurrent import's label is seen.
+    pairs = list(Pair.objects.select_for_update().filter(id__in=list(ids), gold_choice__isnull=True).order_by("id"))
+    labeled = set(Comparison.objects.filter(pair_id__in=[pair.pk for pair in pairs], source=Comparison.Source.IMPORT)
+                  .values_list("pair_id", flat=True))
+    pairs = [pair for pair in pairs if pair.pk not in labeled]
+    comparisons = []
+    for pair in pairs:
+        chosen, margin = labels[ids[pair.pk]]
+        comparisons.append(Comparison(pair=pair, project=project, labeler=None, source=Comparison.Source.IMPORT,
+                                      choice=Comparison.Choice.A if pair.response_a_id == chosen
+                                      else Comparison.Choice.B, margin=margin))
+        pair.label_count += 1
+        if pair.label_count >= project.labels_per_pair:
+            pair.status = Pair.Status.COMPLETE
+    Comparison.objects.bulk_create(comparisons)
+    Pair.objects.bulk_update(pairs, ["label_count", "status"])
+    return len(comparisons)
 
 
 def _count(report: ImportReport, counts: _BatchCounts) -> None:

@@ -246,12 +246,46 @@ def test_pairs_are_deduplicated_whatever_the_order_across_batches_and_against_ex
         batch_lines=2,
     )
     assert _bad(report) == []
-    assert (report.pairs_created, report.comparisons_created, report.duplicates_skipped) == (2, 2, 3)
+    # The pair already in the project (unlabeled) takes the row's label; the other repeats are duplicates.
+    assert (report.pairs_created, report.comparisons_created, report.duplicates_skipped) == (2, 3, 2)
     assert _pairs(project) - {(existing.prompt.content, existing.response_a.text, existing.response_b.text)} == {
         ("p", "x", "y"), ("p", "x", "z")}
     assert Response.objects.filter(project=project, text__in=["x", "y", "z"]).count() == 3
     existing.refresh_from_db()
-    assert existing.label_count == 0 and not existing.comparisons.exists()
+    assert existing.label_count == 1 and existing.status == Pair.Status.COMPLETE
+    assert list(existing.comparisons.values_list("source", "choice", "labeler")) == [("import", "b", None)]
+
+
+@pytest.mark.django_db
+def test_labels_imported_after_their_pairs_are_added_to_those_pairs(project, labeler):
+    project.labels_per_pair = 2
+    project.save()
+    candidates = _import(project, "candidates", {"prompt": "p", "responses": ["x", "y"]},
+                         {"prompt": "q", "responses": ["u", "v"]}, {"prompt": "r", "responses": ["s", "t"]})
+    assert (candidates.pairs_created, candidates.comparisons_created) == (3, 0)
+    by_prompt = {pair.prompt.content: pair for pair in Pair.objects.filter(project=project).select_related("prompt")}
+    # A labeler already answered q's pair; r's pair is gold (the manager's answer stands).
+    Comparison.objects.create(pair=by_prompt["q"], project=project, labeler=labeler, choice="a")
+    Pair.objects.filter(pk=by_prompt["q"].pk).update(label_count=1)
+    Pair.objects.filter(pk=by_prompt["r"].pk).update(gold_choice="a")
+
+    labels = [{"prompt": "p", "chosen": "y", "rejected": "x", "margin": 2.0},
+              {"prompt": "q", "chosen": "u", "rejected": "v"}, {"prompt": "r", "chosen": "s", "rejected": "t"}]
+    report = _import(project, "trl", *labels)
+    assert _bad(report) == []
+    assert (report.pairs_created, report.comparisons_created, report.duplicates_skipped) == (0, 2, 1)
+    p, q, r = (Pair.objects.get(pk=by_prompt[name].pk) for name in "pqr")
+    chosen_side = "a" if p.response_a.text == "y" else "b"
+    assert list(p.comparisons.values_list("source", "choice", "margin")) == [("import", chosen_side, 2.0)]
+    assert (p.label_count, p.status) == (1, Pair.Status.OPEN)
+    assert sorted(q.comparisons.values_list("source", flat=True)) == ["import", "label"]
+    assert (q.label_count, q.status) == (2, Pair.Status.COMPLETE)
+    assert (r.label_count, r.comparisons.count()) == (0, 0)
+
+    # The same labels again, or the opposite label, add nothing: a pair takes one imported label.
+    again = _import(project, "trl", *labels, {"prompt": "p", "chosen": "x", "rejected": "y"})
+    assert (again.pairs_created, again.comparisons_created, again.duplicates_skipped) == (0, 0, 4)
+    assert Comparison.objects.filter(project=project).count() == 3
 
 
 @pytest.mark.django_db
