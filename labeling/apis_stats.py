@@ -45,6 +45,7 @@ class LabelerActivityOutput(serializers.Serializer):
     labeler = LabelerRef()
     comparisons = serializers.IntegerField()
     median_seconds = serializers.FloatField(allow_null=True, help_text="Of the comparisons that carry a time.")
+    side_picks = serializers.IntegerField(help_text="Comparisons that picked A or B: the count behind left_share.")
     left_share = _rate("Share of left-side picks, as shown, among the picks of one side (0.5 is no position bias).")
     tie_rate = _rate("Share of ties.")
     both_bad_rate = _rate("Share of 'both bad'.")
@@ -71,6 +72,7 @@ class PairwiseKappaOutput(serializers.Serializer):
     labeler_b = LabelerRef()
     pairs = serializers.IntegerField(help_text="Pairs both labeled.")
     kappa = serializers.FloatField(allow_null=True, help_text="Cohen's kappa; null when undefined.")
+    kappa_reason = serializers.CharField(allow_null=True, help_text="Why kappa is null; null when it is set.")
 
 
 class LabelerAgreementOutput(serializers.Serializer):
@@ -91,8 +93,12 @@ class AgreementOutput(serializers.Serializer):
     with_ties = AgreementSummaryOutput(help_text="Every pair with two or more human labels.")
     without_ties = AgreementSummaryOutput(help_text="Only the pairs where every label is A or B.")
     krippendorff_alpha = serializers.FloatField(allow_null=True, help_text="Nominal, over all four choices.")
+    krippendorff_alpha_reason = serializers.CharField(allow_null=True,
+                                                      help_text="Why krippendorff_alpha is null; null when it is set.")
     cohen_kappa = serializers.FloatField(allow_null=True,
                                          help_text="Set when exactly two labelers share pairs; see pairwise_kappa.")
+    cohen_kappa_reason = serializers.CharField(allow_null=True,
+                                               help_text="Why cohen_kappa is null; null when it is set.")
     pairwise_kappa = PairwiseKappaOutput(many=True)
     per_labeler = LabelerAgreementOutput(many=True)
     daily = AgreementDayOutput(many=True, help_text="Agreement over time: the last 14 UTC days, the current one last.")

@@ -21,7 +21,7 @@ from labeling import exports, imports, selectors, services, stats
 from labeling.errors import DomainError, Forbidden, NotFound, error_body
 from labeling.models import ApiToken, Membership, Project
 from labeling.views import _first_form_error
-from rewards.selectors import rerank_usage, reward_model_deployed
+from rewards.selectors import rerank_usage, reward_model_deployed, reward_models_deployed
 
 # Which of a reward model's evaluation metrics the overview shows as its held-out accuracy.
 HELD_OUT_ACCURACY_KEY = "eval_accuracy"
@@ -92,12 +92,14 @@ class DashboardView(LoginRequiredMixin, View):
         if not projects and not request.user.is_staff:
             raise PermissionDenied("The dashboard is for project managers.")
         activity = selectors.project_recent_activity(projects=projects)
+        pairs = stats.pair_counts_by_project(projects=projects)
+        deployed = reward_models_deployed(projects=projects)
         rows = []
         for project in projects:
-            reward_model = reward_model_deployed(project=project)
+            reward_model = deployed.get(project.pk)
             rows.append({
                 "project": project,
-                "pairs": stats.pair_counts(project=project),
+                "pairs": pairs[project.pk],
                 "activity": activity[project.pk],
                 "agreement": stats.labeler_agreement(project=project),
                 "reward_model": reward_model,

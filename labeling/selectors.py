@@ -187,8 +187,9 @@ def labeler_progress(*, projects: Iterable[Project], user: AbstractBaseUser) -> 
 
 # --- the manager dashboard ------------------------------------------------------------------------------
 
-# A labeler is flagged for a look when one of these holds. The left-side rate needs enough labels to mean
-# anything: with fewer than OUTLIER_MIN_LABELS a fair labeler easily lands outside the band by chance.
+# A labeler is flagged for a look when one of these holds. The left-side rate needs enough picks of a side to mean
+# anything: with fewer than OUTLIER_MIN_LABELS a fair labeler easily lands outside the band by chance, and ties
+# and both-bad answers say nothing about position.
 OUTLIER_MIN_LABELS = 20
 OUTLIER_LEFT_SHARE_BAND = (0.35, 0.65)
 OUTLIER_GOLD_ACCURACY_MIN = 0.7
@@ -230,11 +231,13 @@ def project_recent_activity(*, projects: Iterable[Project], now: datetime | None
 
 
 def labeler_outlier_reasons(*, comparisons: int, left_share: float | None, gold_accuracy: float | None,
-                            median_seconds: float | None) -> list[str]:
-    """Why a labeler's work deserves a second look (empty when nothing stands out). The one outlier rule."""
+                            median_seconds: float | None, side_picks: int | None = None) -> list[str]:
+    """Why a labeler's work deserves a second look (empty when nothing stands out). The one outlier rule.
+    `side_picks` is the number of A or B picks that `left_share` was taken over (all `comparisons` if not given)."""
     reasons = []
     low, high = OUTLIER_LEFT_SHARE_BAND
-    if comparisons >= OUTLIER_MIN_LABELS and left_share is not None and not low <= left_share <= high:
+    picks = comparisons if side_picks is None else side_picks
+    if picks >= OUTLIER_MIN_LABELS and left_share is not None and not low <= left_share <= high:
         reasons.append(f"picks the left side {left_share:.0%} of the time")
     if gold_accuracy is not None and gold_accuracy < OUTLIER_GOLD_ACCURACY_MIN:
         reasons.append(f"gold accuracy {gold_accuracy:.0%}")
@@ -258,6 +261,7 @@ def labeler_table(*, stats: dict[str, Any]) -> list[dict[str, Any]]:
             "gold_accuracy": gold_accuracy,
             "agreement": agreement[labeler_id]["agreement"] if labeler_id in agreement else None,
             "outliers": labeler_outlier_reasons(comparisons=activity["comparisons"],
+                                                side_picks=activity["side_picks"],
                                                 left_share=activity["left_share"], gold_accuracy=gold_accuracy,
                                                 median_seconds=activity["median_seconds"]),
         })

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from functools import reduce
 from itertools import chain, groupby
@@ -76,19 +77,32 @@ def _labeler_ref(labeler_id: int, username: str) -> dict[str, Any]:
 # --- counts ---------------------------------------------------------------------------------------------
 
 
+_PAIR_COUNT_KEYS = ("total", "gold", "complete", "in_progress", "unlabeled")
+
+
 def pair_counts(*, project: Project) -> dict[str, int]:
     """Pairs of the project. Gold pairs never complete (everyone may label them), so the status counts cover
     the labelable (non-gold) pairs only: complete + in_progress + unlabeled == labelable."""
+    return pair_counts_by_project(projects=[project])[project.pk]
+
+
+def pair_counts_by_project(*, projects: Iterable[Project]) -> dict[int, dict[str, int]]:
+    """pair_counts of every project given, by project id, in one grouped query."""
     regular = Q(gold_choice__isnull=True)
     open_ = Q(status=Pair.Status.OPEN)
-    counts = Pair.objects.filter(project=project).aggregate(
+    ids = [project.pk for project in projects]
+    rows = {row["project_id"]: row for row in Pair.objects.filter(project_id__in=ids).values("project_id").annotate(
         total=Count("id"),
         gold=Count("id", filter=Q(gold_choice__isnull=False)),
         complete=Count("id", filter=regular & Q(status=Pair.Status.COMPLETE)),
         in_progress=Count("id", filter=regular & open_ & Q(label_count__gt=0)),
         unlabeled=Count("id", filter=regular & open_ & Q(label_count=0)),
-    )
-    counts["labelable"] = counts["total"] - counts["gold"]
+    ).order_by()}
+    counts = {}
+    for pk in ids:
+        row = rows.get(pk, {})
+        counts[pk] = {key: row.get(key, 0) for key in _PAIR_COUNT_KEYS}
+        counts[pk]["labelable"] = counts[pk]["total"] - counts[pk]["gold"]
     return counts
 
 
@@ -127,7 +141,7 @@ def _median_ms_by_labeler(*, project: Project) -> dict[int, float]:
 
 def labeler_activity(*, project: Project) -> list[dict[str, Any]]:
     """Per labeler of human comparisons: how many, median seconds per comparison (of those that carry a time),
-    the share of left-side picks among the comparisons that picked a side as the labeler saw it (0.5 is no
+    how many picked a side (A or B), the share of left-side picks among those as the labeler saw them (0.5 is no
     position bias), and the tie and both-bad rates."""
     # Grouped by the labeler id alone, and named afterwards: with the username in the group key the rows to sort
     # for the median were wide enough to spill to disk on large projects.
@@ -157,6 +171,7 @@ def labeler_activity(*, project: Project) -> list[dict[str, Any]]:
             "labeler": _labeler_ref(row["labeler_id"], usernames[row["labeler_id"]]),
             "comparisons": row["comparisons"],
             "median_seconds": median_ms / 1000 if median_ms is not None else None,
+            "side_picks": row["sided"],
             "left_share": _share(row["left"], row["sided"]),
             "tie_rate": _share(row["ties"], row["comparisons"]),
             "both_bad_rate": _share(row["both_bad"], row["comparisons"]),
@@ -196,15 +211,38 @@ def _agreement_summary(agreeing: np.ndarray, unanimous: np.ndarray) -> dict[str,
 
 
 def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
+    return float(value) if math.isfinite(value) else None
 
 
-def _krippendorff_alpha(value_counts: np.ndarray) -> float | None:
+def _krippendorff_alpha(value_counts: np.ndarray) -> tuple[float | None, str | None]:
+    """Nominal alpha over the choice counts of the pairs with two or more labels, or None with the reason."""
+    if not len(value_counts):
+        return None, "No pair has two or more human labels."
     matrix = np.asarray(value_counts, dtype=float).reshape(-1, len(CHOICES))
+    used = np.flatnonzero(matrix.sum(axis=0))
     # With a single value ever used there is no expected disagreement and alpha is undefined.
-    if np.count_nonzero(matrix.sum(axis=0)) < 2:
+    if len(used) < 2:
+        return None, (f"Every label on the pairs with two or more human labels is the same choice "
+                      f"('{CHOICES[used[0]]}'): with no disagreement to expect, alpha is undefined.")
+    alpha = _finite(krippendorff.alpha(value_counts=matrix, level_of_measurement="nominal"))
+    return alpha, None if alpha is not None else "Alpha is not a number on these labels."
+
+
+def _kappa_reason(table: np.ndarray, kappa: float | None) -> str | None:
+    """Why a kappa from cohen_kappas is None: both labelers only ever used one and the same choice."""
+    if kappa is not None:
         return None
-    return _finite(krippendorff.alpha(value_counts=matrix, level_of_measurement="nominal"))
+    choice = CHOICES[int(np.argmax(table.sum(axis=1)))]
+    return (f"Both labelers only chose '{choice}' on the pairs they share: chance agreement is certain, so kappa "
+            "is undefined.")
+
+
+def _cohen_kappa_reason(pairwise: list[dict[str, Any]]) -> str | None:
+    if not pairwise:
+        return "No two labelers labeled the same pair."
+    if len(pairwise) > 1:
+        return f"{len(pairwise)} couples of labelers share pairs: see pairwise_kappa."
+    return pairwise[0]["kappa_reason"]
 
 
 def cohen_kappas(tables: np.ndarray) -> list[float | None]:
@@ -217,8 +255,11 @@ def cohen_kappas(tables: np.ndarray) -> list[float | None]:
     on 100k comparisons (780 overlapping couples) take 8 seconds."""
     n = tables.sum(axis=(1, 2))
     observed = np.trace(tables, axis1=1, axis2=2) / n
-    expected = np.einsum("ki,ki->k", tables.sum(axis=2), tables.sum(axis=1)) / n**2
-    defined = ~np.isclose(expected, 1.0)
+    chance = np.einsum("ki,ki->k", tables.sum(axis=2), tables.sum(axis=1))
+    # The counts are whole numbers, so chance agreement is certain exactly when these products make n squared;
+    # a tolerance on the ratio would call kappa undefined for two labelers sharing 100k pairs or more.
+    defined = chance != n**2
+    expected = chance / n**2
     kappa = (observed - expected) / np.where(defined, 1.0 - expected, 1.0)
     return [float(k) if ok else None for k, ok in zip(kappa, defined, strict=True)]
 
@@ -230,9 +271,10 @@ def labeler_agreement(*, project: Project, days: int = AGREEMENT_DAYS,
     `with_ties` covers every such pair; `without_ties` only the pairs where every label is A or B. Percent
     agreement is the share of agreeing label pairs, averaged over pairs; Krippendorff's alpha is nominal over
     all four choices; Cohen's kappa is given for every two labelers who share pairs, and on its own when
-    exactly two labelers overlap. A labeler's agreement is the share of the other labels on their pairs that
-    match theirs. `daily` is agreement over time: for each of the last `days` UTC days (the current one last),
-    the percent agreement of the pairs whose latest label came that day."""
+    exactly two labelers overlap; where one is undefined it is None and its `*_reason` says why. A labeler's
+    agreement is the share of the other labels on their pairs that match theirs. `daily` is agreement over time:
+    for each of the last `days` UTC days (the current one last), the percent agreement of the pairs whose latest
+    label came that day."""
     # One fetch of the project's human labels, then array arithmetic: looping over 100k labels in Python took
     # seconds, and the same numbers as SQL aggregates cost a self-join; both made the dashboard pages slow.
     # The rows are read with a plain cursor as whole numbers (the choice as its index), straight into an array.
@@ -302,6 +344,7 @@ def labeler_agreement(*, project: Project, days: int = AGREEMENT_DAYS,
             "labeler_b": _labeler_ref(second_id, usernames[second_id]),
             "pairs": int(table.sum()),
             "kappa": kappa,
+            "kappa_reason": _kappa_reason(table, kappa),
         }
         for (first_id, second_id), table, kappa in zip(couples, tables, cohen_kappas(tables), strict=True)
     ]
@@ -313,13 +356,16 @@ def labeler_agreement(*, project: Project, days: int = AGREEMENT_DAYS,
         }
         for labeler_id in sorted(shared_pairs, key=lambda pk: usernames[pk])
     ]
+    alpha, alpha_reason = _krippendorff_alpha(value_counts)
     return {
         "labels": labels,
         "labelers": len(shared_pairs),
         "with_ties": with_ties,
         "without_ties": without_ties,
-        "krippendorff_alpha": _krippendorff_alpha(value_counts) if len(value_counts) else None,
+        "krippendorff_alpha": alpha,
+        "krippendorff_alpha_reason": alpha_reason,
         "cohen_kappa": pairwise[0]["kappa"] if len(pairwise) == 1 else None,
+        "cohen_kappa_reason": _cohen_kappa_reason(pairwise),
         "pairwise_kappa": pairwise,
         "per_labeler": per_labeler,
         "daily": daily,

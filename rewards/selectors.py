@@ -90,6 +90,12 @@ def reward_model_deployed(*, project: Project) -> RewardModel | None:
     return RewardModel.objects.filter(project=project, is_deployed=True).first()
 
 
+def reward_models_deployed(*, projects: Iterable[Project]) -> dict[int, RewardModel]:
+    """The deployed reward model of each project given that has one, by project id, in one query."""
+    return {model.project_id: model for model in
+            RewardModel.objects.filter(project__in=list(projects), is_deployed=True)}
+
+
 def policy_list(*, project: Project) -> QuerySet[Policy]:
     return Policy.objects.filter(project=project).select_related("training_run").order_by("-version")
 

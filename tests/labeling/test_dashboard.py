@@ -183,6 +183,33 @@ def test_overview_shows_progress_activity_agreement_and_reward_model(project, ma
 
 
 @pytest.mark.django_db
+def test_overview_reads_counts_and_deployed_models_of_all_projects_at_once(manager, tmp_path):
+    """Beyond each project's agreement, the overview's queries do not grow with the number of projects."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def overview_queries(projects: int) -> int:
+        Project.objects.all().delete()
+        for index in range(projects):
+            project = ProjectFactory()
+            Membership.objects.create(project=project, user=manager, role=Membership.Role.MANAGER)
+            PairFactory(project=project)
+            RewardModel.objects.create(project=project, version=1, artifact_path=str(tmp_path), is_deployed=True,
+                                       deployed_at="2025-01-01T00:00:00Z", metrics={"eval_accuracy": 0.5 + index / 100})
+        client = _client(manager)
+        with CaptureQueriesContext(connection) as queries:
+            page = client.get("/dashboard/")
+        assert page.status_code == 200 and page.content.decode().count("held-out accuracy") == projects
+        return len(queries)
+
+    with CaptureQueriesContext(connection) as agreement:
+        stats.labeler_agreement(project=ProjectFactory())
+    # Four more projects cost at most four more agreement computations (one query each on these unlabeled pairs,
+    # against about four per project when each row read its counts and its deployed model on its own).
+    assert overview_queries(6) - overview_queries(2) <= 4 * len(agreement)
+
+
+@pytest.mark.django_db
 def test_agreement_over_time_puts_a_label_in_the_day_it_was_made(project, manager):
     """A label half a second before midnight belongs to its own day, not to the next one (nor, on the current
     day, to a day after the series' end)."""

@@ -108,9 +108,9 @@ def test_labeler_activity_reconstructs_the_shown_side_and_medians_times(project)
     rows = stats.labeler_activity(project=project)
     assert rows == [
         {"labeler": {"id": ann.pk, "username": "ann"}, "comparisons": 4, "median_seconds": 2.0,
-         "left_share": pytest.approx(2 / 3), "tie_rate": 0.25, "both_bad_rate": 0.0},
+         "side_picks": 3, "left_share": pytest.approx(2 / 3), "tie_rate": 0.25, "both_bad_rate": 0.0},
         {"labeler": {"id": bob.pk, "username": "bob"}, "comparisons": 2, "median_seconds": 1.5,
-         "left_share": None, "tie_rate": 0.0, "both_bad_rate": 1.0},
+         "side_picks": 0, "left_share": None, "tie_rate": 0.0, "both_bad_rate": 1.0},
     ]
 
 
@@ -162,7 +162,8 @@ def test_two_labelers_on_four_pairs_give_hand_computed_kappa_and_alpha(project):
     assert result["cohen_kappa"] == pytest.approx(0.5)
     assert result["pairwise_kappa"] == [{"labeler_a": {"id": ann.pk, "username": "ann"},
                                          "labeler_b": {"id": bob.pk, "username": "bob"},
-                                         "pairs": 4, "kappa": pytest.approx(0.5)}]
+                                         "pairs": 4, "kappa": pytest.approx(0.5),
+                                         "kappa_reason": None}]
     # Coincidences: a-a 2, a-b 1, b-a 1, b-b 4 (n_a 3, n_b 5, n 8): alpha = 1 - (2/8) / (30/56) = 8/15.
     assert result["krippendorff_alpha"] == pytest.approx(8 / 15)
     assert result["labels"] == 8 and result["labelers"] == 2
