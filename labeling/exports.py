@@ -33,8 +33,11 @@ def _trl_row(row: PreferenceRow) -> dict[str, Any]:
 
 
 def _hh_row(row: PreferenceRow) -> dict[str, Any]:
-    return {"chosen": hh_transcript_build(row.prompt, row.chosen),
-            "rejected": hh_transcript_build(row.prompt, row.rejected)}
+    out: dict[str, Any] = {"chosen": hh_transcript_build(row.prompt, row.chosen),
+                           "rejected": hh_transcript_build(row.prompt, row.rejected)}
+    if row.margin is not None:
+        out["margin"] = row.margin  # not in Anthropic's files; the hh import reads it back
+    return out
 
 
 def _comparison_rows(project: Project) -> Iterator[dict[str, Any]]:

@@ -419,8 +419,8 @@ def _write_batch(*, project: Project, rows: list[ParsedLine]) -> _BatchCounts:
     counts = _BatchCounts()
     labeled_status = Pair.Status.COMPLETE if project.labels_per_pair <= 1 else Pair.Status.OPEN
     new_pairs: list[Pair] = []
-    margins: dict[tuple[int, int, int], float | None] = {}
-    # Labels for pairs already in the project: key -> (chosen response's id, margin).
+    # Labels of the pairs made here and of pairs already in the project: key -> (chosen response's id, margin).
+    margins: dict[tuple[int, int, int], tuple[int, float | None]] = {}
     later: dict[tuple[int, int, int], tuple[int, float | None]] = {}
     for row, (prompt_key, keys) in zip(rows, row_keys, strict=True):
         prompt_id = prompt_ids[prompt_key]
@@ -428,14 +428,14 @@ def _write_batch(*, project: Project, rows: list[ParsedLine]) -> _BatchCounts:
         for a, b in itertools.combinations(ids, 2):
             key = (prompt_id, min(a, b), max(a, b))
             if a != b and key in existing and row.labeled and key not in margins and key not in later:
-                later[key] = (a, row.margin)  # a labeled row lists the chosen response first
+                later[key] = (a, row.margin)
                 continue
             if a == b or key in existing:
                 counts.duplicates += 1
                 continue
             existing.add(key)
             if row.labeled:
-                margins[key] = row.margin
+                margins[key] = (a, row.margin)  # a labeled row lists the chosen response first
                 new_pairs.append(Pair(project=project, prompt_id=prompt_id, response_a_id=a, response_b_id=b,
                                       label_count=1, status=labeled_status, source="import"))
             else:
@@ -453,17 +453,20 @@ def _write_batch(*, project: Project, rows: list[ParsedLine]) -> _BatchCounts:
     return counts
 
 
-def _label_new_pairs(*, project: Project, margins: dict[tuple[int, int, int], float | None]) -> int:
-    """The imported label of each pair this batch made from a labeled row (response A is the chosen one)."""
+def _label_new_pairs(*, project: Project, margins: dict[tuple[int, int, int], tuple[int, float | None]]) -> int:
+    """The imported label of each pair this batch made from a labeled row. The side is read from the stored pair:
+    an import running at the same time may have stored it first with A and B the other way round."""
     created = Pair.objects.filter(project=project, prompt_id__in={key[0] for key in margins},
                                   source="import").values_list("id", "prompt_id", "response_a_id", "response_b_id")
     comparisons = []
     for pair_id, prompt_id, a, b in created:
         key = (prompt_id, min(a, b), max(a, b))
         if key in margins:
+            chosen, margin = margins.pop(key)
             comparisons.append(Comparison(pair_id=pair_id, project=project, labeler=None,
-                                          source=Comparison.Source.IMPORT, choice=Comparison.Choice.A,
-                                          margin=margins.pop(key)))
+                                          source=Comparison.Source.IMPORT,
+                                          choice=Comparison.Choice.A if a == chosen else Comparison.Choice.B,
+                                          margin=margin))
     Comparison.objects.bulk_create(comparisons, ignore_conflicts=True)
     return len(comparisons)
 

@@ -128,12 +128,20 @@ def preference_rows(*, project: Project, comparison_ids: Iterable[int] | None = 
     are left out. Gold pairs count like any other pair, decided by their labels. `comparison_ids` limits the
     vote to a frozen set of comparisons."""
     comparisons = Comparison.objects.filter(project=project)
+    frozen: set[int] | None = None
     if comparison_ids is not None:
-        comparisons = comparisons.filter(pk__in=list(comparison_ids))
+        # Matched here rather than in SQL: a snapshot holds up to every label of the project, and a statement
+        # carries at most 65,535 parameters (PostgreSQL's limit with server-side binding).
+        frozen = set(comparison_ids)
+        if not frozen:
+            return
+        comparisons = comparisons.filter(pk__range=(min(frozen), max(frozen)))
     rows = comparisons.order_by("pair_id", "id").values_list(
         "pair_id", "id", "choice", "strength", "margin",
         "pair__prompt__content", "pair__response_a__text", "pair__response_b__text",
     ).iterator(chunk_size=chunk_size)
+    if frozen is not None:
+        rows = (row for row in rows if row[1] in frozen)
     for pair_id, group in groupby(rows, key=lambda row: row[0]):
         labels = list(group)
         decided = pair_decision([(row[2], row[3], row[4]) for row in labels])

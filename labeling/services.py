@@ -209,6 +209,13 @@ def _validate_prompt(content: Any) -> None:
         if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
                 or not isinstance(message.get("content"), str)):
             raise DomainError(f"Message {index} needs string 'role' and 'content'.", field=f"prompt[{index}]")
+        # The rules of an imported message, so that what the API stores exports and imports back unchanged.
+        if not message["role"]:
+            raise DomainError(f"Message {index} has an empty role.", field=f"prompt[{index}].role")
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise DomainError(f"Message {index} has keys other than 'role' and 'content': {', '.join(extra)}.",
+                              field=f"prompt[{index}].{extra[0]}")
     text_storable_check(content, field="prompt")
 
 

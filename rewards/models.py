@@ -29,7 +29,7 @@ class TrainingRun(models.Model):
     TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
     class ExportPolicy(models.TextChoices):
-        MAJORITY = "majority", "Majority vote per pair; ties, both-bad and gold pairs left out"
+        MAJORITY = "majority", "Majority vote per pair (gold pairs too); ties, both-bad and split votes left out"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
     kind = models.CharField(max_length=16, choices=Kind.choices)

@@ -338,7 +338,10 @@ def test_every_integer_input_of_the_labeling_views_has_an_upper_bound():
     ("Hi \ud800", "prompt"),
     ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\u0000"}], "prompt[1].content"),
     ([{"role": "us\ud83d", "content": "Hi"}], "prompt[0].role"),
-], ids=["nul", "surrogate", "nul-in-message", "surrogate-in-role"])
+    # The importer's rules for a message, so that an exported pair imports back as it was.
+    ([{"role": "user", "content": "Hi"}, {"role": "", "content": "Hello"}], "prompt[1].role"),
+    ([{"role": "user", "content": "Hi", "name": "ann", "id": 3}], "prompt[0].id"),
+], ids=["nul", "surrogate", "nul-in-message", "surrogate-in-role", "empty-role", "other-keys"])
 def test_a_prompt_the_database_cannot_store_is_a_400_naming_the_field(project, manager, prompt, field):
     # json.dumps escapes a lone surrogate as "\ud800", as a client's JSON body carries it.
     body = json.dumps({"prompt": prompt, "response_a": "One.", "response_b": "Two."})

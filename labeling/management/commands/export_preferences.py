@@ -39,7 +39,11 @@ class Command(BaseCommand):
                 return
         else:
             count = self._write_file(Path(output), lines)
-        self.stderr.write(f"Exported {count} rows ({format}) from '{project}'.")
+        message = f"Exported {count} rows ({format}) from '{project}'."
+        if count == 0 and format != "comparisons":
+            message += (" No pair has a decided winner yet: a pair is exported when more of its labels choose A, or"
+                        " B, than any other answer (ties, both-bad and split votes are left out).")
+        self.stderr.write(message)
 
     @staticmethod
     def _write_file(path: Path, lines) -> int:
