@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 from labeling import selectors, services
 from labeling.errors import DomainError, Forbidden
 from labeling.models import ID_MAX, Comparison, Lease, Membership, Pair, Project
-from labeling.serializing import FieldsOnce
+from labeling.serializing import FieldsOnce, StrictInputSerializer
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -88,7 +88,7 @@ class AuthTokenCreateApi(APIView):
     permission_classes = [AllowAny]
     authentication_classes: list = []
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         username = serializers.CharField()
         password = serializers.CharField(style={"input_type": "password"})
         name = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
@@ -118,7 +118,7 @@ class ProjectListApi(APIView):
 
 
 class ProjectCreateApi(APIView):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         name = serializers.CharField(max_length=200)
         slug = serializers.SlugField(max_length=100)
         guidelines = serializers.CharField(required=False, allow_blank=True, default="")
@@ -140,7 +140,7 @@ class ProjectCreateApi(APIView):
 
 
 class ProjectDetailApi(APIView):
-    class UpdateSerializer(serializers.Serializer):
+    class UpdateSerializer(StrictInputSerializer):
         name = serializers.CharField(max_length=200, required=False)
         guidelines = serializers.CharField(required=False, allow_blank=True)
         labels_per_pair = serializers.IntegerField(min_value=1, max_value=50, required=False)
@@ -181,7 +181,7 @@ class MembershipListApi(APIView):
 
 
 class MembershipSetApi(APIView):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         username = serializers.CharField()
         role = serializers.ChoiceField(choices=Membership.Role.choices)
 
@@ -205,7 +205,7 @@ class MembershipDeleteApi(APIView):
 
 
 class PairCreateApi(APIView):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         prompt = _prompt_field()
         response_a = serializers.CharField(trim_whitespace=False)
         response_b = serializers.CharField(trim_whitespace=False)
@@ -262,7 +262,7 @@ class PairNextApi(APIView):
 
 
 class LeaseReleaseApi(APIView):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         pair = id_field()
 
     @extend_schema(request=InputSerializer, responses={204: None, **ERRORS})
@@ -275,7 +275,7 @@ class LeaseReleaseApi(APIView):
 
 
 class ComparisonSubmitApi(APIView):
-    class InputSerializer(FieldsOnce, serializers.Serializer):
+    class InputSerializer(FieldsOnce, StrictInputSerializer):
         pair = id_field()
         choice = serializers.ChoiceField(choices=services.FRAME_CHOICES,
                                          help_text="What the labeler saw: left, right, tie or both_bad.")

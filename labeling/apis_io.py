@@ -15,6 +15,7 @@ from rest_framework.views import APIView
 from labeling import exports, imports, selectors
 from labeling.apis import ERRORS
 from labeling.errors import DomainError
+from labeling.serializing import StrictInputSerializer
 
 
 class _FormatIsNotARenderer(DefaultContentNegotiation):
@@ -27,7 +28,7 @@ class _FormatIsNotARenderer(DefaultContentNegotiation):
 class PreferencesImportApi(APIView):
     parser_classes = [MultiPartParser, FormParser]
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         file = serializers.FileField(help_text="A JSONL file, one record per line.")
         format = serializers.ChoiceField(choices=imports.FORMATS)
 

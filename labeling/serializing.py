@@ -9,12 +9,16 @@ of their own of a list's or dict's child field, and deep copies, as DRF makes th
 related-field lists.
 
 Only for serializers whose fields depend on the class alone, not on the instance, its context or its data.
+
+`StrictInputSerializer` is the base of the API's request bodies: a field it does not declare is refused.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiSerializerExtension
 from rest_framework import serializers
 
 
@@ -52,3 +56,28 @@ class FieldsOnce:
             prototypes = super().get_fields()
             cls._field_prototypes = prototypes
         return {name: _copy_field(field) for name, field in prototypes.items()}
+
+
+class StrictInputSerializer(serializers.Serializer):
+    """A field not listed here is refused with a 400 naming it: a misspelt setting ("temprature", "topk") is not
+    dropped silently, so a caller never believes it set something it did not."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, Mapping):
+            unknown = [name for name in data if name not in self.fields]
+            if unknown:
+                known = ", ".join(self.fields)
+                raise serializers.ValidationError(
+                    {name: [f"Unknown field; the fields are: {known}."] for name in unknown})
+        return super().to_internal_value(data)
+
+
+class StrictInputSchema(OpenApiSerializerExtension):
+    """The schema of a StrictInputSerializer says so: additionalProperties false."""
+
+    target_class = StrictInputSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema, direction):
+        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        return {**schema, "additionalProperties": False}

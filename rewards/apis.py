@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 
 from labeling.apis import ErrorSerializer
 from labeling.selectors import project_get_for_user
+from labeling.serializing import StrictInputSerializer
 from rewards import selectors, services
 from rewards.models import Policy, RewardModel, TrainingRun
 
@@ -75,7 +76,7 @@ class PolicyOutput(serializers.ModelSerializer):
 
 
 class TrainingRunStartApi(APIView):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         project = serializers.SlugField()
         kind = serializers.ChoiceField(choices=TrainingRun.Kind.choices)
         base_model = serializers.CharField(required=False, allow_blank=True, default="", max_length=500,
@@ -187,7 +188,7 @@ class RewardModelDeployApi(APIView):
 
 
 class RewardModelRegisterApi(APIView):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         project = serializers.SlugField()
         path = serializers.CharField(max_length=1000,
                                      help_text="A folder on the server under PREFLAB_MODEL_IMPORT_DIRS.")

@@ -11,6 +11,7 @@ from rest_framework.views import APIView
 
 from labeling.models import ApiToken
 from labeling.permissions import ScopedTokenPermission
+from labeling.serializing import StrictInputSerializer
 from rewards.apis_rerank import ERRORS, RerankApi, RerankThrottle, _project_for_rerank
 from rewards.generation import DEFAULT_POLICY, MAX_CANDIDATES, MAX_NEW_TOKENS, MIN_TEMPERATURE, generate
 
@@ -20,7 +21,7 @@ class GenerateApi(APIView):
     token_scopes = (ApiToken.Scope.RERANK,)
     throttle_classes = [RerankThrottle]
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         project = serializers.SlugField()
         prompt = serializers.JSONField(help_text="A string, or a list of chat messages with 'role' and 'content'.")
         n = serializers.IntegerField(required=False, default=4, min_value=1, max_value=MAX_CANDIDATES)

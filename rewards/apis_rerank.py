@@ -18,6 +18,7 @@ from labeling.errors import Forbidden
 from labeling.models import ApiToken, Project
 from labeling.permissions import ScopedTokenPermission, request_token
 from labeling.selectors import api_key_get, api_key_list, project_get_for_user
+from labeling.serializing import StrictInputSerializer
 from rewards.scoring import rerank
 from rewards.services import rerank_usage_record
 
@@ -110,7 +111,7 @@ class RerankApi(APIView):
     token_scopes = (ApiToken.Scope.RERANK,)
     throttle_classes = [RerankThrottle]
 
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         project = serializers.SlugField()
         prompt = serializers.JSONField(help_text="A string, or a list of chat messages with 'role' and 'content'.")
         candidates = serializers.ListField(child=_StrictCharField(allow_blank=True, trim_whitespace=False),
@@ -192,7 +193,7 @@ class ApiKeyOutput(serializers.ModelSerializer):
 
 
 class ApiKeyListCreateApi(APIView):
-    class InputSerializer(serializers.Serializer):
+    class InputSerializer(StrictInputSerializer):
         name = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
         scope = serializers.ChoiceField(choices=[ApiToken.Scope.RERANK], default=ApiToken.Scope.RERANK)
 

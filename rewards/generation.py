@@ -41,10 +41,14 @@ class LoadedPolicy:
     model: Any
     tokenizer: Any
     device: str
+    registered: Any = None
 
 
 class PolicyPool:
-    """Loaded causal LMs keyed by "default" or "policy-<id>", least recently used evicted beyond the size."""
+    """Loaded causal LMs keyed by "default" or "policy-<id>", least recently used evicted beyond the size.
+
+    A loaded policy is served only to the version it was loaded for (its folder and registration time): after a
+    database reset a new version may reuse a loaded id, with its files written again into the same folder."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -52,18 +56,19 @@ class PolicyPool:
         self._pid = os.getpid()
         self.loads = 0
 
-    def get(self, *, key: str, path: str) -> LoadedPolicy:
+    def get(self, *, key: str, path: str, registered: Any = None) -> LoadedPolicy:
         with self._lock:
             if self._pid != os.getpid():
                 self._models = OrderedDict()
                 self._pid = os.getpid()
             loaded = self._models.get(key)
-            if loaded is not None and loaded.path == path:
+            if loaded is not None and (loaded.path, loaded.registered) == (path, registered):
                 self._models.move_to_end(key)
                 return loaded
             # Loading under the pool lock keeps two first requests from loading the same model twice; loads are
             # rare (the pool is warm) and generation itself is serialized anyway.
             loaded = self._load(key=key, path=path)
+            loaded.registered = registered
             self._models[key] = loaded
             while len(self._models) > max(int(_setting("GENERATE_MODEL_CACHE_SIZE", 2)), 1):
                 old_key, _ = self._models.popitem(last=False)
@@ -107,9 +112,9 @@ class PolicyPool:
 pool = PolicyPool()
 
 
-def generation_policy_resolve(*, project: Any, policy: Any) -> tuple[str, str, dict[str, Any]]:
-    """(pool key, folder, description) of the policy a request names: "default" (the embedded SmolLM2) or the id
-    of a Policy version of the project."""
+def generation_policy_resolve(*, project: Any, policy: Any) -> tuple[str, str, dict[str, Any], Any]:
+    """(pool key, folder, description, registration time) of the policy a request names: "default" (the embedded
+    SmolLM2, registered never) or the id of a Policy version of the project."""
     from labeling.errors import DomainError, NotFound, ServiceUnavailable
     from rewards.embedded import smollm2_path
     from rewards.models import Policy
@@ -120,14 +125,14 @@ def generation_policy_resolve(*, project: Any, policy: Any) -> tuple[str, str, d
         except FileNotFoundError as exc:
             raise ServiceUnavailable(f"The embedded policy is not available: {exc}", field="policy") from exc
         return DEFAULT_POLICY, str(path), {"id": None, "version": None, "kind": "embedded",
-                                           "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+                                           "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"}, None
     if isinstance(policy, bool) or not isinstance(policy, int):
         raise DomainError('policy is "default" or the id of a policy version of the project.', field="policy")
     found = Policy.objects.filter(pk=policy, project=project).first()
     if found is None:
         raise NotFound(f"Project '{project.slug}' has no policy version with id {policy}.", field="policy")
     return f"policy-{found.pk}", found.artifact_path, {"id": found.pk, "version": found.version, "kind": found.kind,
-                                                       "base_model": found.base_model}
+                                                       "base_model": found.base_model}, found.created_at
 
 
 def _validate(*, prompt: Any, n: Any, temperature: Any, top_k: Any, top_p: Any, max_new_tokens: Any, seed: Any,
@@ -258,9 +263,9 @@ def generate(*, project: Any, prompt: str | Messages, n: int = 4, temperature: f
     if rerank and not RewardModel.objects.filter(project=project, is_deployed=True).exists():
         raise Conflict(f"Project '{project.slug}' has no deployed reward model to rerank with; deploy one or send "
                        "rerank: false.", field="rerank", code="no_deployed_model")
-    key, path, description = generation_policy_resolve(project=project, policy=policy)
+    key, path, description, registered = generation_policy_resolve(project=project, policy=policy)
     try:
-        loaded = pool.get(key=key, path=path)
+        loaded = pool.get(key=key, path=path, registered=registered)
     except (FileNotFoundError, OSError, ValueError) as exc:
         logger.exception("policy %s could not be loaded", key)
         raise ServiceUnavailable(f"The policy could not be loaded: {exc}", field="policy") from exc

@@ -368,7 +368,8 @@ def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model
     # use than RERANK_MODEL_CACHE_SIZE): it is then loaded again, once.
     for retries_left in (1, 0):
         try:
-            served = pool.get(reward_model_id=reward_model.pk, artifact_path=reward_model.artifact_path)
+            served = pool.get(reward_model_id=reward_model.pk, artifact_path=reward_model.artifact_path,
+                              registered=reward_model.created_at)
         except (FileNotFoundError, OSError, ValueError) as exc:
             logger.exception("reward model %s could not be loaded", reward_model.pk)
             raise ServiceUnavailable(f"Reward model version {reward_model.version} could not be loaded: {exc}",

@@ -167,6 +167,7 @@ class ServedModel:
     artifact_path: str
     scorer: RewardScorer
     batcher: MicroBatcher
+    registered: Any = None
 
     def score(self, prompt: Any, candidates: Sequence[str]) -> list[float]:
         encoded = [self.scorer.encode(prompt, candidate).input_ids for candidate in candidates]
@@ -176,8 +177,10 @@ class ServedModel:
 class ModelPool:
     """Loaded reward models keyed by RewardModel id, least recently used evicted beyond `size`.
 
-    A RewardModel row's files never change (a new version is a new row), so the id is a safe key; hot swaps
-    happen because the caller resolves the deployed id from the database on each request.
+    A RewardModel row's files never change (a new version is a new row); hot swaps happen because the caller
+    resolves the deployed id from the database on each request. A loaded model is served only to the version it
+    was loaded for (its folder and registration time): a process can outlive its database, and after a reset a
+    new version may reuse a loaded id, in another folder or in the same one written again (runs/<run>/).
     """
 
     def __init__(self) -> None:
@@ -194,26 +197,34 @@ class ModelPool:
             self._loading = {}
             self._pid = os.getpid()
 
-    def get(self, *, reward_model_id: int, artifact_path: str) -> ServedModel:
+    def _loaded(self, reward_model_id: int, artifact_path: str, registered: Any) -> ServedModel | None:
+        served = self._models.get(reward_model_id)
+        if served is None or (served.artifact_path, served.registered) != (artifact_path, registered):
+            return None
+        self._models.move_to_end(reward_model_id)
+        return served
+
+    def get(self, *, reward_model_id: int, artifact_path: str, registered: Any = None) -> ServedModel:
+        """The loaded model of a version; `registered` (its created_at) tells a reused id from the version before."""
         with self._lock:
             self._reset_after_fork()
-            served = self._models.get(reward_model_id)
+            served = self._loaded(reward_model_id, artifact_path, registered)
             if served is not None:
-                self._models.move_to_end(reward_model_id)
                 return served
             load_lock = self._loading.setdefault(reward_model_id, threading.Lock())
         # Concurrent first requests for one model wait here and load it once; other models are not held up.
         with load_lock:
             with self._lock:
-                served = self._models.get(reward_model_id)
+                served = self._loaded(reward_model_id, artifact_path, registered)
                 if served is not None:
-                    self._models.move_to_end(reward_model_id)
                     return served
             served = self._load(reward_model_id=reward_model_id, artifact_path=artifact_path)
+            served.registered = registered
             with self._lock:
+                replaced = self._models.pop(reward_model_id, None)
                 self._models[reward_model_id] = served
                 self._loading.pop(reward_model_id, None)
-                evicted = []
+                evicted = [replaced] if replaced is not None else []
                 while len(self._models) > max(int(_setting("RERANK_MODEL_CACHE_SIZE", 2)), 1):
                     _, old = self._models.popitem(last=False)
                     evicted.append(old)

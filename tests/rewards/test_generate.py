@@ -7,7 +7,7 @@ from rest_framework.test import APIClient
 
 from labeling.models import ApiToken, Membership
 from labeling.services import api_token_create
-from rewards import generation, serving
+from rewards import generation
 from rewards.generation import cut_at_stop
 from rewards.models import Policy
 from rewards.services import reward_model_register
@@ -20,31 +20,12 @@ URL = "/api/v1/generate/"
 PROMPT = "Write a haiku about eggs."
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return tiny_causal_lm(tmp_path_factory.mktemp("lm"))
+pytestmark = pytest.mark.usefixtures("fresh_model_pools")
 
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory):
     return tiny_reward_model(tmp_path_factory.mktemp("rm"))
-
-
-@pytest.fixture(autouse=True)
-def fresh_state():
-    generation.pool.clear()
-    serving.pool.clear()
-    cache.clear()
-    yield
-    generation.pool.clear()
-    serving.pool.clear()
-    cache.clear()
-
-
-@pytest.fixture
-def policy(project, lm_dir):
-    return Policy.objects.create(project=project, version=1, kind=Policy.Kind.DPO, artifact_path=str(lm_dir),
-                                 base_model="tiny-llama")
 
 
 @pytest.fixture

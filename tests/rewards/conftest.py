@@ -1,0 +1,32 @@
+"""Fixtures shared by the generation and best-of-N tests: a tiny policy and fresh model pools and caches."""
+from __future__ import annotations
+
+import pytest
+from django.core.cache import cache
+
+from rewards import generation, serving
+from rewards.models import Policy
+from tests.rewards.tiny import tiny_causal_lm
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    return tiny_causal_lm(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture
+def policy(project, lm_dir):
+    return Policy.objects.create(project=project, version=1, kind=Policy.Kind.DPO, artifact_path=str(lm_dir),
+                                 base_model="tiny-llama")
+
+
+@pytest.fixture
+def fresh_model_pools():
+    """Empty generation and reward-model pools and cache before and after the test."""
+    generation.pool.clear()
+    serving.pool.clear()
+    cache.clear()
+    yield
+    generation.pool.clear()
+    serving.pool.clear()
+    cache.clear()
