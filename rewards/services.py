@@ -237,6 +237,13 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
         raise DomainError("eval_fraction must be at least 0 and below 1.", field="eval_fraction")
     training_base_model_validate(base_model=base_model)
     validated = training_hyperparameters_validate(kind=kind, hyperparameters=hyperparameters)
+    if kind == TrainingRun.Kind.REWARD:
+        from rewards.training.reward import max_length_check
+
+        try:
+            max_length_check(base_model=base_model, max_length=validated.get("max_length", 0))
+        except HyperparameterError as exc:
+            raise DomainError(exc.message, field=f"hyperparameters.{exc.field}", code="invalid_hyperparameter")
     reward_model = None
     if kind != TrainingRun.Kind.REWARD:
         reward_model = RewardModel.objects.filter(project=project, is_deployed=True).first()
@@ -247,7 +254,7 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
     rows = list(preference_rows(project=project))
     if not rows:
         raise DomainError(f"Project '{project.slug}' has no decided pairs to train on: label some pairs first "
-                          "(ties, both-bad and gold pairs are not training data).", field="project",
+                          "(ties, both-bad and split votes are not training data).", field="project",
                           code="empty_dataset")
     train_ids, eval_ids = _split(rows, eval_fraction=eval_fraction, seed=seed)
     if not train_ids:
@@ -360,6 +367,9 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
         logger.exception("training run %s could not be prepared", run.pk)
         return training_run_fail(run_id=run.pk, error=f"The run could not be prepared: {type(exc).__name__}: {exc}",
                                  attempt=attempt)
+    # A folder this attempt makes holds nothing but its own partial artifact if it fails; one that was there before
+    # (another database's run under the same id) is not this run's to remove.
+    fresh_output = not output_dir.exists()
     progress = RunProgressCallback(run_id=run.pk, attempt=attempt, history=history, log_lines=log_lines)
     heartbeat = RunHeartbeat(run_id=run.pk, attempt=attempt, on_lost=progress.mark_lost,
                              interval=float(settings.PREFLAB["TRAINING_HEARTBEAT_SECONDS"]))
@@ -384,13 +394,17 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
             if note and attempt == 1:  # a later attempt carries the first one's log
                 _attempt_log(run, progress.log_lines, note)
             result = recipe.train(base_model=base_model, prompts=prompts,
-                                  reward_model_path=run.reward_model.artifact_path, **common)
+                                  reward_model_path=_run_reward_model_path(run), **common)
         else:
             by_pair = {row.pair_id: row for row in rows}
             train = [_example(by_pair[pk]) for pk in run.train_pair_ids]
             held_out = [_example(by_pair[pk]) for pk in run.eval_pair_ids]
             if run.kind == TrainingRun.Kind.DPO and run.reward_model is not None:
-                common["judge_path"] = run.reward_model.artifact_path
+                try:
+                    common["judge_path"] = _run_reward_model_path(run)
+                except DomainError as exc:
+                    # The judge only adds the win rate: the run trains without it rather than fail at its end.
+                    _attempt_log(run, progress.log_lines, f"no win rate: {exc.message}")
             result = recipe.train(base_model=base_model, train=train, eval=held_out, **common)
     except (DomainError, HyperparameterError) as exc:
         # A rule the run broke (its labels changed, its base model folder went away): the reason is the whole
@@ -400,12 +414,16 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
             return TrainingRun.objects.get(pk=run.pk)
         message = exc.message if isinstance(exc, DomainError) else str(exc)
         logger.warning("training run %s failed: %s", run.pk, message)
+        if fresh_output:
+            shutil.rmtree(output_dir, ignore_errors=True)
         return training_run_fail(run_id=run.pk, error=message, attempt=attempt)
     except Exception as exc:
         if progress.lost:
             logger.warning("training run %s: attempt %s stopped after losing the run (%s)", run.pk, attempt, exc)
             return TrainingRun.objects.get(pk=run.pk)
         logger.exception("training run %s failed", run.pk)
+        if fresh_output:
+            shutil.rmtree(output_dir, ignore_errors=True)
         message = f"{type(exc).__name__}: {exc}"
         return training_run_fail(run_id=run.pk, error=message, details=traceback.format_exc(limit=8),
                                  attempt=attempt)
@@ -433,6 +451,20 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
     if run.status == TrainingRun.Status.SUCCEEDED and run.attempts == attempt:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return run
+
+
+def _run_reward_model_path(run: TrainingRun) -> str:
+    """The folder of the reward model the run was submitted with (RLHF trains against it, DPO is judged by it),
+    checked before training: deleted versions and removed folders are told as such, not as a missing attribute or
+    file hours into the run."""
+    if run.reward_model is None:
+        raise DomainError("The reward model this run was submitted with has been deleted from the registry; "
+                          "deploy one and start a new run.", code="reward_model_missing")
+    if not (Path(run.reward_model.artifact_path) / "config.json").is_file():
+        raise DomainError(f"The files of the reward model this run was submitted with (version "
+                          f"{run.reward_model.version}, {run.reward_model.artifact_path}) are gone; deploy one whose "
+                          "files are there and start a new run.", code="reward_model_missing")
+    return run.reward_model.artifact_path
 
 
 def _shortened_message(run: TrainingRun, result: Any) -> str:
@@ -610,8 +642,10 @@ def training_run_cancel(*, run: TrainingRun) -> TrainingRun:
     now = timezone.now()
     if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
             status=TrainingRun.Status.CANCELLED, cancel_requested=True, finished_at=now):
-        # A run queued again after a lost worker still has the checkpoint it would have resumed from.
+        # A run queued again after a lost worker still has the checkpoint it would have resumed from, and may
+        # have the files the lost attempt was saving.
         shutil.rmtree(training_run_checkpoint_dir(run=run), ignore_errors=True)
+        shutil.rmtree(_output_dir(run), ignore_errors=True)
         run.refresh_from_db()
         return run
     if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True):
@@ -763,6 +797,10 @@ def _training_run_republish(*, run_id: int) -> None:
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# A tokenizer's vocabulary is in one of these; without it transformers builds an empty tokenizer that maps every
+# word to the unknown token, and the model would score every text alike.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 def _import_allowed(path: Path) -> bool:
@@ -782,15 +820,18 @@ def reward_model_folder_check(*, path: str | Path) -> Any:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise DomainError(f"'{path}' has no readable model config (config.json): {exc}", field="path")
-    if config.num_labels != 1:
-        raise DomainError(f"A reward model has 1 output label; '{path}' has {config.num_labels}.", field="path",
-                          code="not_a_reward_model")
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise DomainError(f"'{path}' is a {architectures[0]}, not a sequence-classification model.", field="path",
                           code="not_a_reward_model")
+    if config.num_labels != 1:
+        raise DomainError(f"A reward model has 1 output label; '{path}' has {config.num_labels}.", field="path",
+                          code="not_a_reward_model")
     if not any((folder / name).exists() for name in WEIGHT_FILES):
         raise DomainError(f"'{path}' has no weights (model.safetensors or pytorch_model.bin).", field="path")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise DomainError(f"'{path}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it into the folder "
+                          "with tokenizer.save_pretrained.", field="path", code="missing_tokenizer")
     return config
 
 
@@ -824,9 +865,9 @@ def reward_model_deploy(*, reward_model: RewardModel, deployed_by: AbstractBaseU
     current = RewardModel.objects.filter(project_id=reward_model.project_id, is_deployed=True).first()
     if current is not None and current.pk == reward_model.pk:
         return current
-    if not Path(reward_model.artifact_path).is_dir():
-        raise DomainError(f"The files of version {reward_model.version} are gone ({reward_model.artifact_path}).",
-                          field="reward_model", code="artifact_missing")
+    if not (Path(reward_model.artifact_path) / "config.json").is_file():
+        raise DomainError(f"The files of version {reward_model.version} are gone ({reward_model.artifact_path} "
+                          "has no config.json).", field="reward_model", code="artifact_missing")
     if current is not None:
         RewardModel.objects.filter(pk=current.pk).update(is_deployed=False)
     now = timezone.now()

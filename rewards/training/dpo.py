@@ -120,27 +120,27 @@ def check_hyperparameters(hp: Any, *, defaults: dict[str, Any], rules: dict[str,
 POLICY_TRAINING_RULES: dict[str, Rule] = {
     "learning_rate": Rule("float", low=0, low_open=True, high=1.0),
     "lr_scheduler_type": Rule("choice", choices=LR_SCHEDULERS),
-    "warmup_steps": Rule("float", low=0),
+    "warmup_steps": Rule("float", low=0, high=1_000_000),
     "weight_decay": Rule("float", low=0, high=1.0),
-    "max_grad_norm": Rule("float", low=0, low_open=True),
+    "max_grad_norm": Rule("float", low=0, low_open=True, high=1e6),
     "num_train_epochs": Rule("float", low=0, low_open=True, high=100),
     # Bounded as the reward recipe bounds it: the run's step and total_steps columns are 32-bit integers.
     "max_steps": Rule("int", low=-1, high=1_000_000),
     "per_device_train_batch_size": Rule("int", low=1, high=256),
     "gradient_accumulation_steps": Rule("int", low=1, high=1024),
     "gradient_checkpointing": Rule("bool"),
-    "logging_steps": Rule("int", low=1),
+    "logging_steps": Rule("int", low=1, high=1_000_000),
     # A fraction of the run's steps below 1, a whole number of steps from 1 (see check_save_steps).
     "save_steps": Rule("float", low=0, low_open=True, high=1_000_000),
     "seed": Rule("int", low=0, high=2**32 - 1),
     "lora_r": Rule("int", low=0, high=1024),
-    "lora_alpha": Rule("float", low=0, low_open=True),
+    "lora_alpha": Rule("float", low=0, low_open=True, high=4096),
     "lora_dropout": Rule("float", low=0, high=0.9),
 }
 
 DPO_RULES: dict[str, Rule] = {
     **POLICY_TRAINING_RULES,
-    "beta": Rule("float", low=0, low_open=True),
+    "beta": Rule("float", low=0, low_open=True, high=100.0),
     "loss_type": Rule("choice", choices=DPO_LOSS_TYPES),
     "label_smoothing": Rule("float", low=0, high=0.5),
     "per_device_eval_batch_size": Rule("int", low=1, high=256),

@@ -14,6 +14,7 @@ from typing import Any
 
 from rewards.training.common import (
     DEFAULT_SAVE_STEPS,
+    EMBEDDED_BASE_MODELS,
     HyperparameterError,
     TrainingResult,
     check_save_steps,
@@ -171,6 +172,41 @@ def resolve_base_model(base_model: str | Path | None) -> Path:
     return common_resolve_base_model(base_model, default=embedded.minilm_path)
 
 
+def max_length_check(*, base_model: str | None, max_length: int) -> None:
+    """Refuse, before a run is queued, a max_length past the backbone's max_position_embeddings, read from the
+    config.json of the default backbone or of a local folder (an embedded policy is built on first use, so it is
+    left to the worker's exact check, which also knows RoBERTa's padding offset)."""
+    from rewards import embedded
+
+    name = "" if base_model is None else str(base_model).strip()
+    if name.lower() in {"", "minilm", "all-minilm-l6-v2"}:
+        try:
+            folder = Path(embedded.minilm_path())
+        except FileNotFoundError:
+            return
+    elif name.lower() in EMBEDDED_BASE_MODELS:
+        return
+    else:
+        folder = Path(name)
+    try:
+        positions = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(positions, int) and max_length > positions:
+        raise HyperparameterError("max_length", f"is larger than the {positions} positions of the base model.")
+
+
+def _usable_positions(model: Any) -> int | None:
+    """How many tokens the model can take at once: its position embeddings, less the offset of models that number
+    positions from padding_idx + 1 (RoBERTa and its kin: 514 embeddings hold 512 tokens)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    table = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
+    offset = getattr(table, "padding_idx", None)
+    return positions - (offset + 1) if isinstance(offset, int) and offset >= 0 else positions
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
@@ -234,9 +270,13 @@ def train_reward_model(*, base_model: str | None = None, train: Sequence[Prefere
     created_output = not output_dir.exists()
 
     bf16 = hp["bf16"]
+    bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if bf16 is None:
-        bf16 = (not hp["use_cpu"] and not hp["fp16"] and torch.cuda.is_available()
-                and torch.cuda.is_bf16_supported())
+        bf16 = not hp["use_cpu"] and not hp["fp16"] and bf16_gpu
+    elif bf16 and not hp["use_cpu"] and not bf16_gpu:
+        # TrainingArguments would refuse it too, with advice about use_cpu that names no field.
+        raise HyperparameterError("bf16", "needs a GPU that supports bf16, and this worker has none; leave bf16 "
+                                          "unset (bf16 is used wherever the GPU supports it) or set use_cpu.")
     lora = hp["lora_r"] is not None
 
     set_seed(hp["seed"])
@@ -249,7 +289,7 @@ def train_reward_model(*, base_model: str | None = None, train: Sequence[Prefere
             raise ValueError(f"The tokenizer of {base_path} has neither a pad nor an EOS token.")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = _usable_positions(model)
     if positions is not None and hp["max_length"] > positions:
         raise HyperparameterError("max_length", f"is larger than the {positions} positions of the base model.")
 

@@ -70,7 +70,7 @@ GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
 
 RLHF_RULES: dict[str, Rule] = {
     **POLICY_TRAINING_RULES,
-    "beta": Rule("float", low=0),
+    "beta": Rule("float", low=0, high=100.0),
     "loss_type": Rule("choice", choices=GRPO_LOSS_TYPES),
     "scale_rewards": Rule("choice", choices=("group", "batch", "none")),
     "epsilon": Rule("float", low=0, low_open=True, high=1.0),

@@ -212,6 +212,12 @@ def test_validate_dpo_hyperparameters_merges_defaults():
         ({"loss_type": "exo_pair"}, "label_smoothing"),
         ({"lora_r": -1}, "lora_r"),
         ({"max_length": 4}, "max_length"),
+        # Every number has an upper bound, as the reward recipe's do.
+        ({"beta": 1e300}, "beta"),
+        ({"logging_steps": 10**300}, "logging_steps"),
+        ({"warmup_steps": 1e300}, "warmup_steps"),
+        ({"max_grad_norm": 1e300}, "max_grad_norm"),
+        ({"lora_alpha": 1e300}, "lora_alpha"),
     ],
 )
 def test_validate_dpo_hyperparameters_names_the_bad_field(hp, field):

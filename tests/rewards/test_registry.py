@@ -8,10 +8,11 @@ from django.core.management import call_command
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from labeling.errors import DomainError
 from rewards import services
+from rewards.embedded import minilm_path
 from rewards.models import RewardModel, RewardModelDeployment
 from tests.conftest import client_for
 from tests.factories import ProjectFactory
@@ -24,6 +25,7 @@ def _classifier(folder, *, num_labels: int = 1):
     config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64, num_labels=num_labels)
     BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
     return folder
 
 

@@ -107,6 +107,7 @@ def test_split_prompts_holds_out_at_most_half_reproducibly():
         ({"temperature": 0}, "temperature"),
         ({"max_completion_length": "long"}, "max_completion_length"),
         ({"heldout_prompts": -2}, "heldout_prompts"),
+        ({"beta": 1e300}, "beta"),
     ],
 )
 def test_validate_rlhf_hyperparameters_names_the_bad_field(hp, field):

@@ -277,6 +277,7 @@ def test_a_labeler_cannot_cancel(project, labeler):
 @pytest.mark.django_db
 def test_deploy_button_deploys_the_runs_reward_model(project, manager, tmp_path):
     run = _finished(project)
+    (tmp_path / "config.json").write_text("{}")
     model = RewardModelFactory(project=project, training_run=run, artifact_path=str(tmp_path),
                                metrics={"eval_accuracy": 0.9})
     client = _client(manager)

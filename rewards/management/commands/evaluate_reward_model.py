@@ -6,6 +6,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from labeling.errors import DomainError
 from labeling.models import Project
 from rewards.models import RewardModel
 
@@ -14,10 +15,17 @@ MAX_ERRORS_SHOWN = 20
 
 
 def resolve_model_folder(target: str) -> Path:
-    """The model folder a command-line target names (a path to a saved reward model)."""
+    """The model folder a command-line target names (a path to a saved reward model), checked as registering it
+    would check it."""
+    from rewards.services import reward_model_folder_check
+
     path = Path(target)
     if not (path / "config.json").exists():
         raise CommandError(f"{target} is not a reward model folder (no config.json).")
+    try:
+        reward_model_folder_check(path=path)
+    except DomainError as exc:
+        raise CommandError(exc.message)
     return path
 
 
