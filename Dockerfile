@@ -32,6 +32,7 @@ USER preflab
 RUN DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput
 
 EXPOSE 8000
-# --reuse-port: a listening socket per worker, so that keep-alive connections spread over the workers.
+# --reuse-port: a listening socket per worker, so that keep-alive connections spread over the workers. No gunicorn
+# access log: config.middleware writes one line per request, with its id (PREFLAB_LOG_FORMAT).
 CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", \
-     "--reuse-port", "--access-logfile", "-", "--no-control-socket"]
+     "--reuse-port", "--no-control-socket", "--logger-class", "config.gunicorn_logging.Logger"]

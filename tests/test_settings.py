@@ -72,7 +72,7 @@ def test_on_redis_a_training_task_is_not_handed_out_again_while_it_may_still_run
     when it ends, so the timeout must outlast the task's hard time limit."""
     code = "print(s['CELERY_BROKER_TRANSPORT_OPTIONS'].get('visibility_timeout'), s['PREFLAB']['TRAINING_TIME_LIMIT'])"
     result = _settings_of(tree, code, CELERY_BROKER_URL="redis://127.0.0.1:6379/14",
-                          PREFLAB_TRAINING_TIME_LIMIT="7200")
+                          PREFLAB_TRAINING_SOFT_TIME_LIMIT="6900", PREFLAB_TRAINING_TIME_LIMIT="7200")
     timeout, limit = (int(value) for value in result.stdout.split())
     assert timeout > limit == 7200, result.stderr
     # The file-system broker of the embedded default keeps its own options.

@@ -5,7 +5,7 @@ import logging
 import os
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import setup_logging, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
@@ -30,6 +30,13 @@ app.conf.beat_schedule = {
     "training-runs-recover-stale": {"task": "worker.tasks.training_runs_recover_stale", "schedule": 60.0,
                                     "options": {"expires": 60}},
 }
+
+
+@setup_logging.connect
+def _keep_django_logging(**kwargs) -> None:
+    """Leave logging to Django's LOGGING, so that the worker writes PREFLAB_LOG_FORMAT (JSON in docker-compose) at
+    PREFLAB_LOG_LEVEL like the web server. Without a receiver for this signal Celery replaces the root logger's
+    handlers with its own plain-text format at the level of its --loglevel option."""
 
 
 @worker_ready.connect

@@ -1,6 +1,8 @@
 """Settings shared by every environment; the environment is read here, once."""
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import environ
@@ -8,20 +10,75 @@ from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
-env = environ.Env(
-    DJANGO_DEBUG=(bool, False),
-    DJANGO_ALLOWED_HOSTS=(list, ["localhost", "127.0.0.1", "[::1]", "testserver"]),
-)
+env = environ.Env()
 # Read before any setting: a variable set in the process environment wins over the same one in the file.
 env_file = BASE_DIR / ".env"
 if env_file.exists():
     environ.Env.read_env(env_file)
+
+
+# Typed reads that refuse a bad value at start, naming the variable: django-environ's own casts end in a bare
+# ValueError deep in the settings import, and read any unknown word as a false boolean.
+# A variable set to the empty string counts as set (django-environ reads it as unset when the default is None).
+_TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n"}
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = env.ENVIRON.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ImproperlyConfigured(f"{name} must be true or false, not {raw!r}.")
+    return value in _TRUE
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.ENVIRON.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ImproperlyConfigured(f"{name} must be a whole number of at least {minimum}, not {raw!r}.")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float = 0.0, positive: bool = False) -> float:
+    raw = env.ENVIRON.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum or (positive and value <= 0):
+        bound = "greater than 0" if positive else f"at least {minimum:g}"
+        raise ImproperlyConfigured(f"{name} must be a number {bound}, not {raw!r}.")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    """Comma-separated, with the blanks around each item dropped ("a.example, b.example")."""
+    raw = env.ENVIRON.get(name)
+    if raw is None:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _redacted(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
 VAR_DIR = Path(env.str("PREFLAB_VAR_DIR", default=str(BASE_DIR / "var")))
 
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="preflab-insecure-local-key-change-me-in-production")
-DEBUG = env.bool("DJANGO_DEBUG")
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS")
-CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -73,9 +130,16 @@ TEMPLATES = [
 ]
 
 # SQLite under var/ by default; DATABASE_URL switches to PostgreSQL (postgres://user@host:port/name).
-DATABASES = {
-    "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'preflab.sqlite3'}"),
-}
+_DATABASE_URL = env.str("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'preflab.sqlite3'}").strip()
+try:
+    _database = environ.Env.db_url_config(_DATABASE_URL) if "://" in _DATABASE_URL else {}
+except ValueError:  # a port that is not a number, or out of range
+    _database = {}
+if _database.get("ENGINE") not in ("django.db.backends.postgresql", "django.db.backends.sqlite3") or \
+        not _database.get("NAME"):
+    raise ImproperlyConfigured("DATABASE_URL must be postgres://user:password@host:port/name or sqlite:///path, "
+                               f"not {_redacted(_DATABASE_URL)!r}.")
+DATABASES = {"default": _database}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL and a busy timeout let the web server and the worker share the file without "database is locked".
     DATABASES["default"].setdefault("OPTIONS", {}).update(
@@ -86,13 +150,13 @@ else:
         # Django's backend, with a health check of kept connections that reads the socket instead of sending
         # `SELECT 1` at the start of every request.
         DATABASES["default"]["ENGINE"] = "config.postgresql"
-    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+    DATABASES["default"]["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
     # Server-side parameters and prepared statements: a statement a kept connection has run before is not
     # planned again. Planning the API-key lookup (three joined tables) alone took 1.6 ms here, more than running
     # it. A transaction-pooling proxy (PgBouncer before 1.21) cannot carry prepared statements: set
     # DATABASE_PREPARE_THRESHOLD to -1 behind one.
-    _prepare_threshold = env.int("DATABASE_PREPARE_THRESHOLD", default=2)
+    _prepare_threshold = env_int("DATABASE_PREPARE_THRESHOLD", 2, minimum=-1)
     if _prepare_threshold >= 0:
         DATABASES["default"].setdefault("OPTIONS", {}).update(
             {"server_side_binding": True, "prepare_threshold": _prepare_threshold})
@@ -167,8 +231,13 @@ SPECTACULAR_SETTINGS = {
 
 # Celery: a file-system broker under var/ by default (no server to install); CELERY_BROKER_URL or
 # REDIS_URL switches to Redis.
-REDIS_URL = env.str("REDIS_URL", default="")
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
+REDIS_URL = env.str("REDIS_URL", default="").strip()
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    raise ImproperlyConfigured(f"REDIS_URL must be a redis://, rediss:// or unix:// URL, not {_redacted(REDIS_URL)!r}.")
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://").strip()
+if not re.match(r"^(redis|rediss|filesystem|amqp|amqps|memory)://", CELERY_BROKER_URL):
+    raise ImproperlyConfigured("CELERY_BROKER_URL must be a redis://, rediss://, amqp:// or filesystem:// URL, not "
+                               f"{_redacted(CELERY_BROKER_URL)!r}.")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _broker_dir = VAR_DIR / "broker"
@@ -179,7 +248,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
-CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_DEFAULT_QUEUE = "default"
@@ -199,56 +268,65 @@ else:
 
 PREFLAB = {
     # How long a pair handed out by the queue stays reserved for its labeler.
-    "LEASE_SECONDS": env.int("PREFLAB_LEASE_SECONDS", default=600),
+    "LEASE_SECONDS": env_int("PREFLAB_LEASE_SECONDS", 600, minimum=1),
     # Uploads bigger than this are refused before they are read.
-    "IMPORT_MAX_BYTES": env.int("PREFLAB_IMPORT_MAX_BYTES", default=512 * 1024 * 1024),
+    "IMPORT_MAX_BYTES": env_int("PREFLAB_IMPORT_MAX_BYTES", 512 * 1024 * 1024, minimum=1),
     # A single JSONL line longer than this is reported as bad instead of parsed.
-    "IMPORT_MAX_LINE_BYTES": env.int("PREFLAB_IMPORT_MAX_LINE_BYTES", default=4 * 1024 * 1024),
+    "IMPORT_MAX_LINE_BYTES": env_int("PREFLAB_IMPORT_MAX_LINE_BYTES", 4 * 1024 * 1024, minimum=1),
     "ARTIFACTS_DIR": Path(env.str("PREFLAB_ARTIFACTS_DIR", default=str(VAR_DIR / "artifacts"))),
     # A training task is asked to stop (SoftTimeLimitExceeded, the run fails) after the soft limit and killed
     # after the hard one.
-    "TRAINING_SOFT_TIME_LIMIT": env.int("PREFLAB_TRAINING_SOFT_TIME_LIMIT", default=6 * 3600),
-    "TRAINING_TIME_LIMIT": env.int("PREFLAB_TRAINING_TIME_LIMIT", default=6 * 3600 + 300),
+    "TRAINING_SOFT_TIME_LIMIT": env_int("PREFLAB_TRAINING_SOFT_TIME_LIMIT", 6 * 3600, minimum=1),
+    "TRAINING_TIME_LIMIT": env_int("PREFLAB_TRAINING_TIME_LIMIT", 6 * 3600 + 300, minimum=1),
     # A running run whose worker has not written a heartbeat for this long is marked failed (worker lost).
-    "TRAINING_STALE_MINUTES": env.int("PREFLAB_TRAINING_STALE_MINUTES", default=15),
+    "TRAINING_STALE_MINUTES": env_int("PREFLAB_TRAINING_STALE_MINUTES", 15, minimum=1),
     # A training process writes a heartbeat this often, from a thread of its own (so also during long steps,
     # evaluation and saving); three missed beats and its run counts as lost.
-    "TRAINING_HEARTBEAT_SECONDS": env.float("PREFLAB_TRAINING_HEARTBEAT_SECONDS", default=20.0),
+    "TRAINING_HEARTBEAT_SECONDS": env_float("PREFLAB_TRAINING_HEARTBEAT_SECONDS", 20.0, positive=True),
     # A run whose worker was lost resumes from its last checkpoint until it has been started this many times.
-    "TRAINING_MAX_ATTEMPTS": env.int("PREFLAB_TRAINING_MAX_ATTEMPTS", default=3),
+    "TRAINING_MAX_ATTEMPTS": env_int("PREFLAB_TRAINING_MAX_ATTEMPTS", 3, minimum=1),
     # Checkpoints (every save_steps) are kept at least this far apart, so short runs do not spend their time saving.
-    "TRAINING_CHECKPOINT_MIN_SECONDS": env.float("PREFLAB_TRAINING_CHECKPOINT_MIN_SECONDS", default=120.0),
+    "TRAINING_CHECKPOINT_MIN_SECONDS": env_float("PREFLAB_TRAINING_CHECKPOINT_MIN_SECONDS", 120.0),
     # Folders the API may register reward models from (the management command takes any path).
-    "MODEL_IMPORT_DIRS": [Path(p) for p in env.list("PREFLAB_MODEL_IMPORT_DIRS",
-                                                     default=[str(VAR_DIR / "models")])],
+    "MODEL_IMPORT_DIRS": [Path(p) for p in env_list("PREFLAB_MODEL_IMPORT_DIRS", [str(VAR_DIR / "models")])],
     # API tokens are looked up in the shared cache for up to this long (0: always in the database). A revoked
     # token, a deactivated user or a changed project takes effect at once; only a change made while Redis is
     # unreachable can be honoured from a cached copy for up to this long. Off without Redis: a per-process
     # cache would not see changes made by other processes.
-    "AUTH_CACHE_SECONDS": env.int("PREFLAB_AUTH_CACHE_SECONDS", default=60 if REDIS_URL else 0),
+    "AUTH_CACHE_SECONDS": env_int("PREFLAB_AUTH_CACHE_SECONDS", 60 if REDIS_URL else 0),
     # Best-of-N reranking: requests per key, request size limits, result cache, warm models and batching.
-    "RERANK_RATE": env.str("PREFLAB_RERANK_RATE", default="600/min"),
-    "RERANK_MAX_CANDIDATES": env.int("PREFLAB_RERANK_MAX_CANDIDATES", default=64),
-    "RERANK_MAX_CHARS": env.int("PREFLAB_RERANK_MAX_CHARS", default=200_000),
-    "RERANK_MAX_REGEX_CHARS": env.int("PREFLAB_RERANK_MAX_REGEX_CHARS", default=500),
-    "RERANK_CACHE_SECONDS": env.int("PREFLAB_RERANK_CACHE_SECONDS", default=3600),
+    "RERANK_RATE": env.str("PREFLAB_RERANK_RATE", default="600/min").strip(),
+    "RERANK_MAX_CANDIDATES": env_int("PREFLAB_RERANK_MAX_CANDIDATES", 64, minimum=1),
+    "RERANK_MAX_CHARS": env_int("PREFLAB_RERANK_MAX_CHARS", 200_000, minimum=1),
+    "RERANK_MAX_REGEX_CHARS": env_int("PREFLAB_RERANK_MAX_REGEX_CHARS", 500),
+    "RERANK_CACHE_SECONDS": env_int("PREFLAB_RERANK_CACHE_SECONDS", 3600),
     # Rerank traffic counts gather in each process and are written this often (0: each request writes its own).
-    "RERANK_USAGE_FLUSH_SECONDS": env.float("PREFLAB_RERANK_USAGE_FLUSH_SECONDS", default=1.0),
-    "RERANK_MODEL_CACHE_SIZE": env.int("PREFLAB_RERANK_MODEL_CACHE_SIZE", default=2),
+    "RERANK_USAGE_FLUSH_SECONDS": env_float("PREFLAB_RERANK_USAGE_FLUSH_SECONDS", 1.0),
+    "RERANK_MODEL_CACHE_SIZE": env_int("PREFLAB_RERANK_MODEL_CACHE_SIZE", 2, minimum=1),
     # Policies kept loaded for /generate/ per process.
-    "GENERATE_MODEL_CACHE_SIZE": env.int("PREFLAB_GENERATE_MODEL_CACHE_SIZE", default=2),
-    "RERANK_BATCH_WINDOW_MS": env.float("PREFLAB_RERANK_BATCH_WINDOW_MS", default=5.0),
+    "GENERATE_MODEL_CACHE_SIZE": env_int("PREFLAB_GENERATE_MODEL_CACHE_SIZE", 2, minimum=1),
+    "RERANK_BATCH_WINDOW_MS": env_float("PREFLAB_RERANK_BATCH_WINDOW_MS", 5.0),
     # Candidates one batching pass may gather from queued requests: more of them sort into less padding.
-    "RERANK_MAX_BATCH": env.int("PREFLAB_RERANK_MAX_BATCH", default=256),
+    "RERANK_MAX_BATCH": env_int("PREFLAB_RERANK_MAX_BATCH", 256, minimum=1),
     # Sequences per forward pass within a batch (sorted by length, so each forward pads only to its own longest).
-    "RERANK_FORWARD_BATCH": env.int("PREFLAB_RERANK_FORWARD_BATCH", default=16),
+    "RERANK_FORWARD_BATCH": env_int("PREFLAB_RERANK_FORWARD_BATCH", 16, minimum=1),
     # How long a server process reuses a project's deployed version before reading it again.
-    "RERANK_DEPLOYMENT_TTL_SECONDS": env.float("PREFLAB_RERANK_DEPLOYMENT_TTL_SECONDS", default=1.0),
+    "RERANK_DEPLOYMENT_TTL_SECONDS": env_float("PREFLAB_RERANK_DEPLOYMENT_TTL_SECONDS", 1.0),
     # Torch threads per process; 0 means one per core this process may use.
-    "TORCH_THREADS": env.int("PREFLAB_TORCH_THREADS", default=0),
+    "TORCH_THREADS": env_int("PREFLAB_TORCH_THREADS", 0),
     # /metrics answers loopback addresses, and others only with `Authorization: Bearer <this>` (blank: never).
     "METRICS_TOKEN": env.str("PREFLAB_METRICS_TOKEN", default=""),
 }
+
+if PREFLAB["TRAINING_TIME_LIMIT"] <= PREFLAB["TRAINING_SOFT_TIME_LIMIT"]:
+    # The soft limit is what lets a run stop and fail cleanly; a hard limit at or before it kills the run first.
+    raise ImproperlyConfigured(
+        f"PREFLAB_TRAINING_TIME_LIMIT ({PREFLAB['TRAINING_TIME_LIMIT']}) must be greater than "
+        f"PREFLAB_TRAINING_SOFT_TIME_LIMIT ({PREFLAB['TRAINING_SOFT_TIME_LIMIT']}).")
+# DRF's throttle format, checked here instead of failing every rerank request.
+if not re.fullmatch(r"\d+/[smhd][a-z]*", PREFLAB["RERANK_RATE"]):
+    raise ImproperlyConfigured(f"PREFLAB_RERANK_RATE must look like 600/min (per s, min, hour or day), not "
+                               f"{PREFLAB['RERANK_RATE']!r}.")
 
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # Redis hands an unacknowledged message out again after `visibility_timeout` (an hour by default). Training
