@@ -1,22 +1,35 @@
-"""Per-request context: a request id for every log line, request metrics and one structured access-log line."""
+"""Per-request context: a request id for every log line, request metrics and one structured access-log line;
+and a limit on password guessing at the login form and the token endpoint."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import re
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable
 
+from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.signals import user_login_failed
+from django.core.cache import cache
+from django.core.exceptions import RequestDataTooBig
 from django.core.signals import request_finished
 from django.dispatch import receiver
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.common import CommonMiddleware as DjangoCommonMiddleware
+from django.shortcuts import render
+from django.urls import reverse
 from django.utils.functional import SimpleLazyObject, empty
 
 from config.logging import NO_REQUEST_ID, request_id_var
 from config.metrics import HTTP_LATENCY, HTTP_REQUESTS, method_of, route_of
+from labeling.errors import error_body
 
 access_logger = logging.getLogger("preflab.access")
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # An incoming id is reused (so a proxy's or client's id follows the request through our logs) only when it is a
@@ -99,3 +112,93 @@ class CommonMiddleware(DjangoCommonMiddleware):
         if request.method not in ("GET", "HEAD") and request.path_info.startswith("/api/"):
             return False
         return super().should_redirect_with_slash(request)
+
+
+# Wrong passwords allowed per username and client address in each window; past them that pair is refused (429)
+# until the window ends. Behind a proxy every client has the proxy's address, so the limit is per username.
+LOGIN_FAILURES_MAX = 10
+LOGIN_WINDOW_SECONDS = 15 * 60
+LOGIN_CACHE_PREFIX = "preflab:login-failures:"
+_LOGIN_FAILED = "preflab_login_failed"
+
+
+@functools.cache
+def _login_paths() -> frozenset[str]:
+    return frozenset({reverse("login"), reverse("admin:login"), reverse("labeling_api:token-create")})
+
+
+def _login_username(request: HttpRequest) -> str:
+    """The username a login POST names, normalized as broadly as Django's form and DRF's field do (NFKC,
+    surrounding whitespace) and case-folded: every spelling that can reach one account shares one counter. A body
+    this cannot read counts under the empty name, so it is limited per address instead of escaping the limit."""
+    username = None
+    try:
+        if request.content_type == "application/json":
+            data = json.loads(request.body)
+            username = data.get("username") if isinstance(data, dict) else None
+        else:
+            username = request.POST.get("username")
+    except (ValueError, RecursionError, RequestDataTooBig):
+        username = None
+    if not isinstance(username, str):
+        return ""
+    return unicodedata.normalize("NFKC", username).strip().casefold()
+
+
+def _login_key(request: HttpRequest, username: str) -> str:
+    address = request.META.get("REMOTE_ADDR", "")
+    digest = hashlib.sha256(f"{username}\0{address}".encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{LOGIN_CACHE_PREFIX}{int(time.time() // LOGIN_WINDOW_SECONDS)}:{digest}"
+
+
+@receiver(user_login_failed, dispatch_uid="preflab_login_failed_mark")
+def _login_failed_mark(sender, credentials: dict, request=None, **kwargs) -> None:
+    # DRF passes its own Request; the mark goes on the Django request the middleware holds.
+    if request is not None:
+        setattr(getattr(request, "_request", request), _LOGIN_FAILED, True)
+
+
+class LoginThrottleMiddleware:
+    """Refuses a login (the login page, the admin's, the token endpoint) for a username and address that got
+    LOGIN_FAILURES_MAX wrong passwords in the current window, before any password is checked. It goes after
+    AuthenticationMiddleware: the refusal page then has its user and keeps the CSRF cookie its form is sent with.
+
+    Each attempt takes a slot from the counter before the view runs and gives it back unless a password was
+    wrong (Django's `user_login_failed`), so requests sent in parallel cannot all slip in under the limit, and
+    successful logins never use it up. Without the cache, logins are not limited rather than refused."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.method != "POST" or request.path not in _login_paths():
+            return self.get_response(request)
+        username = _login_username(request)
+        key = _login_key(request, username)
+        try:
+            cache.add(key, 0, timeout=LOGIN_WINDOW_SECONDS * 2)
+            attempts = cache.incr(key)
+        except Exception:  # the counter lives in the cache: an outage must not lock everyone out
+            logger.warning("login throttle cache unavailable; login attempt let through", exc_info=True)
+            return self.get_response(request)
+        if attempts > LOGIN_FAILURES_MAX:
+            return self._refuse(request)
+        response = self.get_response(request)
+        if not getattr(request, _LOGIN_FAILED, False):
+            try:
+                cache.decr(key)
+            except Exception:
+                logger.warning("login throttle cache unavailable; attempt not given back", exc_info=True)
+        return response
+
+    def _refuse(self, request: HttpRequest) -> HttpResponse:
+        retry_after = int(LOGIN_WINDOW_SECONDS - time.time() % LOGIN_WINDOW_SECONDS) + 1
+        message = f"Too many failed logins; try again in {(retry_after + 59) // 60} minutes."
+        if request.path_info.startswith("/api/"):
+            response = JsonResponse(error_body(message=message, code="throttled"), status=429)
+        else:
+            form = AuthenticationForm(request, initial={"username": request.POST.get("username", "")})
+            response = render(request, "registration/login.html",
+                              {"form": form, "next": request.POST.get("next", ""), "throttled": message}, status=429)
+        response["Retry-After"] = str(retry_after)
+        return response

@@ -97,7 +97,9 @@ class AuthTokenCreateApi(APIView):
         token = serializers.CharField(help_text="Shown once; send it as 'Authorization: Bearer TOKEN'.")
         prefix = serializers.CharField()
 
-    @extend_schema(request=InputSerializer, responses={201: OutputSerializer, **ERRORS}, auth=[])
+    # 429: too many wrong passwords for this username (config.middleware.LoginThrottleMiddleware).
+    @extend_schema(request=InputSerializer, responses={201: OutputSerializer, **ERRORS, 429: ErrorSerializer},
+                   auth=[])
     def post(self, request):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)

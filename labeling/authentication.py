@@ -33,7 +33,8 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
 
     def authenticate(self, request):
         header = authentication.get_authorization_header(request).split()
-        if not header or header[0].lower().decode() not in self.keywords:
+        # Latin-1, as the header arrived: a scheme with other bytes is not ours, never a decoding error (a 500).
+        if not header or header[0].lower().decode("latin-1") not in self.keywords:
             return None
         if len(header) != 2:
             raise exceptions.AuthenticationFailed("Invalid Authorization header: expected '<Bearer|Token> KEY'.")

@@ -1,6 +1,7 @@
 """Shared fixtures: API clients per role, projects with members, and database helpers."""
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -29,6 +30,15 @@ def _fresh_deployment_cache():
     deployments.clear()
     yield
     deployments.clear()
+
+
+@pytest.fixture(autouse=True)
+def _own_login_counters(monkeypatch):
+    # Wrong passwords are counted in the cache for 15 minutes (config.middleware.LoginThrottleMiddleware): each test
+    # counts its own, so a test's failed logins never throttle another test, or the same test run again.
+    from config import middleware
+
+    monkeypatch.setattr(middleware, "LOGIN_CACHE_PREFIX", f"test-login-{uuid.uuid4().hex}:")
 
 
 @pytest.fixture

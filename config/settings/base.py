@@ -106,6 +106,8 @@ MIDDLEWARE = [
     "labeling.errors.ApiNotFoundMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # After the session, CSRF and auth middleware: the login form it answers a throttled attempt with needs them.
+    "config.middleware.LoginThrottleMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
