@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import threading
@@ -188,20 +189,29 @@ def evaluate_preferences(scorer: RewardScorer, examples: Sequence[PreferenceExam
         shortened += chosen.shortened or rejected.shortened
     scores = scorer.score_ids(sequences, batch_size=batch_size)
     margins = [scores[2 * i] - scores[2 * i + 1] for i in range(len(examples))]
+    # A diverged model's NaN scores decide nothing: its figures are None rather than a made-up 0.
+    diverged = any(math.isnan(m) for m in margins)
     by_length: dict[str, dict] = {}
     for bucket, margin in zip(buckets, margins, strict=True):
-        entry = by_length.setdefault(bucket, {"pairs": 0, "correct": 0})
+        entry = by_length.setdefault(bucket, {"pairs": 0, "correct": 0.0})
         entry["pairs"] += 1
-        entry["correct"] += margin > 0
+        entry["correct"] += _pair_credit(margin)
     ordered = sorted(by_length.items(), key=lambda item: int(item[0].split("-")[0].rstrip("+")))
     return {
         "pairs": len(examples),
-        "accuracy": sum(m > 0 for m in margins) / len(margins) if margins else None,
-        "mean_margin": sum(margins) / len(margins) if margins else None,
+        "accuracy": sum(map(_pair_credit, margins)) / len(margins) if margins and not diverged else None,
+        "mean_margin": sum(margins) / len(margins) if margins and not diverged else None,
         "shortened_pairs": shortened,
-        "by_length": {b: {"pairs": e["pairs"], "accuracy": e["correct"] / e["pairs"]} for b, e in ordered},
+        "by_length": {b: {"pairs": e["pairs"], "accuracy": None if diverged else e["correct"] / e["pairs"]}
+                      for b, e in ordered},
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _pair_credit(margin: float) -> float:
+    """A pair is right when chosen scores above rejected; an exact tie (the model saw the same text on both sides,
+    both replies cut to the same start) is a coin flip and counts half."""
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
 
 
 # --- best-of-N reranking --------------------------------------------------------------------------------

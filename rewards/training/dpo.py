@@ -272,6 +272,14 @@ def generate_greedy_ids(
     return results
 
 
+def trained_policy(trainer: Any) -> Any:
+    """The trainer's model as it is saved, for the metrics measured after training. Under bf16, accelerate runs
+    the model's forward in bf16 autocast, and that forward stays on the model after training: answers generated
+    and log-probabilities read through it would come from a bf16 model, not the float32 one that is saved and
+    compared with the float32 base."""
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     configured = model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured]
@@ -494,8 +502,9 @@ def train_dpo(
     if trainer.eval_dataset is not None and eval_pairs:
         metrics.update(trainer.evaluate())
 
+    policy = trained_policy(trainer)
     if judge_prompts:
-        trained_answers = generate_greedy(trainer.model, tokenizer, judge_prompts, max_new_tokens=hp["max_new_tokens"])
+        trained_answers = generate_greedy(policy, tokenizer, judge_prompts, max_new_tokens=hp["max_new_tokens"])
         changed = sum(a != b for a, b in zip(trained_answers, base_answers, strict=True))
         metrics["answers_changed_vs_base"] = changed / len(judge_prompts)
         if judge_path is not None:
@@ -504,7 +513,7 @@ def train_dpo(
     metrics = plain_metrics(metrics)
 
     save_policy(
-        trainer.model,
+        policy,
         tokenizer,
         artifact,
         recipe="dpo",

@@ -26,6 +26,7 @@ from rewards.training.dpo import (
     plain_metrics,
     save_policy,
     score_responses,
+    trained_policy,
     trainer_arguments,
 )
 
@@ -235,7 +236,7 @@ def train_rlhf(
         "train_kl": _mean_logged(history, "kl"),
     }
 
-    policy = trainer.model
+    policy = trained_policy(trainer)
     if heldout:
         trained_generated = generate_greedy_ids(policy, tokenizer, heldout, max_new_tokens=max_new)
         trained_answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for _, ids in trained_generated]
