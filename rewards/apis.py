@@ -101,9 +101,11 @@ class TrainingRunStartApi(APIView):
         project = project_get_for_user(slug=values.pop("project"), user=request.user, manage=True)
         key = request.headers.get("Idempotency-Key")
         if key is None:
-            run = services.training_run_start(project=project, created_by=request.user, **values)
+            run = services.training_run_start(project=project, created_by=request.user, restrict_to_import_dirs=True,
+                                              **values)
             return Response(TrainingRunOutput(run).data, status=status.HTTP_202_ACCEPTED)
         run, created = services.training_run_start_once(project=project, created_by=request.user,
+                                                        restrict_to_import_dirs=True,
                                                         idempotency_key=key, **values)
         return Response(TrainingRunOutput(run).data,
                         status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,

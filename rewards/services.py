@@ -56,6 +56,7 @@ from rewards.models import (
 )
 from rewards.training.common import (
     CHECKPOINT_PREFIX,
+    EMBEDDED_BASE_MODELS,
     HyperparameterError,
     base_model_check,
     base_model_label,
@@ -163,14 +164,18 @@ def _split(rows: list[PreferenceRow], *, eval_fraction: float, seed: int) -> tup
 
 def training_run_start(*, project: Project, kind: str, created_by: AbstractBaseUser | None = None,
                        base_model: str = "", hyperparameters: dict[str, Any] | None = None,
-                       eval_fraction: float = 0.1, seed: int = 0, queue: bool = True) -> TrainingRun:
+                       eval_fraction: float = 0.1, seed: int = 0, queue: bool = True,
+                       restrict_to_import_dirs: bool = False) -> TrainingRun:
     """Validate, snapshot the project's decided pairs, create the run and (with `queue`) publish its task.
+    `restrict_to_import_dirs` (the API and the dashboard) takes a base-model folder only from the configured import
+    folders or this project's own runs, as registering does.
 
     Raises DomainError (400) for bad input or an empty dataset and ServiceUnavailable (503) when the broker
     cannot take the task, in which case the run is left `failed` with the reason.
     """
     run = _training_run_create(project=project, kind=kind, created_by=created_by, base_model=base_model.strip(),
-                               hyperparameters=hyperparameters or {}, eval_fraction=eval_fraction, seed=seed)
+                               hyperparameters=hyperparameters or {}, eval_fraction=eval_fraction, seed=seed,
+                               restrict_to_import_dirs=restrict_to_import_dirs)
     if queue:
         transaction.on_commit(lambda: _training_run_publish(run=run))
     return run
@@ -181,8 +186,8 @@ IDEMPOTENCY_KEY_MAX = 255
 
 def training_run_start_once(*, project: Project, idempotency_key: str, kind: str, base_model: str = "",
                             hyperparameters: dict[str, Any] | None = None, eval_fraction: float = 0.1, seed: int = 0,
-                            created_by: AbstractBaseUser | None = None,
-                            queue: bool = True) -> tuple[TrainingRun, bool]:
+                            created_by: AbstractBaseUser | None = None, queue: bool = True,
+                            restrict_to_import_dirs: bool = False) -> tuple[TrainingRun, bool]:
     """`training_run_start` for a client that may send the same submission again (a retry after a timeout, a
     second click): the first submission with `idempotency_key` starts a run, and every later one with the same key
     in the project returns that run instead of queuing another. Returns (run, created).
@@ -199,7 +204,7 @@ def training_run_start_once(*, project: Project, idempotency_key: str, kind: str
     if existing is None:
         try:
             run = _training_run_create(project=project, created_by=created_by, idempotency_key=idempotency_key,
-                                       **request)
+                                       restrict_to_import_dirs=restrict_to_import_dirs, **request)
         except IntegrityError:
             # The same key sent twice at once: both missed the lookup, and the unique constraint let one in.
             existing = TrainingRun.objects.filter(project=project, idempotency_key=idempotency_key).first()
@@ -229,12 +234,18 @@ def _same_submission(run: TrainingRun, *, kind: str, base_model: str, eval_fract
 @transaction.atomic
 def _training_run_create(*, project: Project, kind: str, created_by: AbstractBaseUser | None, base_model: str,
                          hyperparameters: dict[str, Any], eval_fraction: float, seed: int,
-                         idempotency_key: str = "") -> TrainingRun:
+                         idempotency_key: str = "", restrict_to_import_dirs: bool = False) -> TrainingRun:
     if kind not in TrainingRun.Kind.values:
         raise DomainError(f"Unknown training kind '{kind}'; use one of {', '.join(TrainingRun.Kind.values)}.",
                           field="kind")
     if not 0.0 <= eval_fraction < 1.0:
         raise DomainError("eval_fraction must be at least 0 and below 1.", field="eval_fraction")
+    if restrict_to_import_dirs and base_model and base_model.lower() not in EMBEDDED_BASE_MODELS \
+            and not _import_allowed(Path(base_model).expanduser().resolve(), project=project):
+        # Checked before the folder is looked at, so the answer tells nothing about what else is on the server.
+        raise DomainError(f"{base_model} is neither an embedded model (minilm, smollm2) nor a folder under "
+                          "PREFLAB_MODEL_IMPORT_DIRS or in one of this project's runs; models are not downloaded.",
+                          field="base_model", code="invalid_base_model")
     training_base_model_validate(base_model=base_model)
     validated = training_hyperparameters_validate(kind=kind, hyperparameters=hyperparameters)
     if kind == TrainingRun.Kind.REWARD:
@@ -803,10 +814,17 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
                    "tokenizer.model")
 
 
-def _import_allowed(path: Path) -> bool:
+def _import_allowed(path: Path, *, project: Project) -> bool:
+    """A folder under one of the import folders, or inside one of the project's own runs: another project's runs
+    are its data, never this one's to register or train from."""
     roots = [Path(root).resolve() for root in settings.PREFLAB["MODEL_IMPORT_DIRS"]]
-    roots.append(Path(settings.PREFLAB["ARTIFACTS_DIR"]).resolve())
-    return any(path == root or root in path.parents for root in roots)
+    if any(path == root or root in path.parents for root in roots):
+        return True
+    runs = (Path(settings.PREFLAB["ARTIFACTS_DIR"]) / "runs").resolve()
+    if runs not in path.parents:
+        return False
+    run_id = path.relative_to(runs).parts[0]
+    return run_id.isdigit() and TrainingRun.objects.filter(pk=int(run_id), project=project).exists()
 
 
 def reward_model_folder_check(*, path: str | Path) -> Any:
@@ -840,9 +858,10 @@ def reward_model_register(*, project: Project, path: str | Path, created_by: Abs
     """Register a reward model trained elsewhere as the project's next version. The folder is referenced in
     place, not copied; `restrict_to_import_dirs` (the API) only accepts folders under the configured roots."""
     folder = Path(path).expanduser().resolve()
-    if restrict_to_import_dirs and not _import_allowed(folder):
+    if restrict_to_import_dirs and not _import_allowed(folder, project=project):
         raise DomainError(f"'{path}' is outside the folders models may be registered from "
-                          "(PREFLAB_MODEL_IMPORT_DIRS).", field="path", code="path_not_allowed")
+                          "(PREFLAB_MODEL_IMPORT_DIRS, or this project's runs).", field="path",
+                          code="path_not_allowed")
     config = reward_model_folder_check(path=folder)
     base_model = str(getattr(config, "_name_or_path", "") or "")
     with transaction.atomic():

@@ -115,7 +115,8 @@ class TrainingRunStartView(LoginRequiredMixin, View):
         hyperparameters = {name: data[name] for name, _, _ in FORM_HYPERPARAMETERS
                            if name in defaults and data[name] is not None}
         submission = {"project": project, "kind": data["kind"], "created_by": request.user,
-                      "base_model": data["base_model"], "hyperparameters": hyperparameters}
+                      "base_model": data["base_model"], "hyperparameters": hyperparameters,
+                      "restrict_to_import_dirs": True}
         try:
             if data["submission"]:
                 run, _ = services.training_run_start_once(idempotency_key=f"form-{data['submission']}", **submission)

@@ -64,9 +64,55 @@ def test_a_bad_or_service_owned_hyperparameter_is_a_400_naming_it(project, manag
 
 
 @pytest.mark.django_db
-def test_a_reward_max_length_past_the_backbones_positions_is_a_400_at_submission(project, manager, tmp_path):
+def test_the_api_takes_base_models_and_registrations_from_import_folders_and_the_projects_own_runs(
+        project, manager, tmp_path, settings):
+    """Another project's run folder holds weights trained on that project's data: neither its training nor its
+    registry may take it through the API, and the answer for it is the one for a folder that does not exist."""
+    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts",
+                        "MODEL_IMPORT_DIRS": [tmp_path / "imports"]}
+    labeled_pairs(project, count=4)
+    other = ProjectFactory()
+    folders = {}
+    for name, owner in (("mine", project), ("theirs", other)):
+        run = TrainingRunFactory(project=owner)
+        folders[name] = tiny_reward_model(tmp_path / "artifacts" / "runs" / str(run.pk))
+    folders["imported"] = tiny_reward_model(tmp_path / "imports" / "rm")
+    folders["missing"] = tmp_path / "elsewhere" / "rm"
+    client = client_for(manager)
+
+    def start(folder) -> dict:
+        response = client.post(URL, {"project": project.slug, "kind": "reward", "base_model": str(folder),
+                                     "hyperparameters": TINY}, format="json")
+        return {"status": response.status_code, **(response.json()["error"] if response.status_code >= 400 else {})}
+
+    runs_before = TrainingRun.objects.count()
+    for name in ("theirs", "missing"):
+        refused = start(folders[name])
+        assert (refused["status"], refused["field"], refused["code"]) == (400, "base_model", "invalid_base_model")
+        assert "PREFLAB_MODEL_IMPORT_DIRS" in refused["message"]
+    assert TrainingRun.objects.count() == runs_before
+    assert start(folders["mine"])["status"] == 202
+    assert start(folders["imported"])["status"] == 202
+    assert TrainingRun.objects.count() == runs_before + 2
+
+    registered = client.post("/api/v1/reward-models/register/", {"project": project.slug,
+                                                                 "path": str(folders["theirs"])}, format="json")
+    assert registered.status_code == 400 and registered.json()["error"]["code"] == "path_not_allowed"
+    assert client.post("/api/v1/reward-models/register/", {"project": project.slug, "path": str(folders["mine"])},
+                       format="json").status_code == 201
+    assert RewardModel.objects.filter(project=project).count() == 1
+    # An operator's command line (the service without the API's restriction) may name any local folder.
+    run = services.training_run_start(project=project, kind="reward", base_model=str(folders["theirs"]),
+                                      hyperparameters=TINY, queue=False)
+    assert run.base_model == str(folders["theirs"])
+
+
+@pytest.mark.django_db
+def test_a_reward_max_length_past_the_backbones_positions_is_a_400_at_submission(project, manager, tmp_path,
+                                                                                   settings):
     """The default MiniLM has 512 positions and the tiny RoBERTa 514; the worker's exact check (RoBERTa numbers
     positions from its padding index) stays for the edge, the plain mistake is refused before a run is queued."""
+    settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": [tmp_path]}
     labeled_pairs(project, count=4)
     client = client_for(manager)
     roberta = str(tiny_roberta(tmp_path))

@@ -82,7 +82,8 @@ def test_more_steps_than_a_run_can_record_is_a_400_naming_max_steps(project, man
 @pytest.mark.django_db
 @pytest.mark.parametrize("kind", ["reward", "dpo"])
 @pytest.mark.parametrize("base_model", ["/etc", "some/hub-model"])
-def test_a_base_model_that_is_no_local_model_is_a_400_naming_it(project, manager, kind, base_model):
+def test_a_base_model_that_is_no_local_model_is_a_400_naming_it(project, manager, kind, base_model, settings):
+    settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": ["/"]}  # the folder rule aside: no model there
     labeled_pairs(project, count=4)
     response = client_for(manager).post(URL, {"project": project.slug, "kind": kind, "base_model": base_model},
                                         format="json")
@@ -373,7 +374,8 @@ def training_worker(settings, tmp_path):
     if app.conf.broker_url.startswith("filesystem://"):
         # Seen here: a second in-process worker on the file-system broker never reports ready.
         pytest.skip("needs a broker server: set CELERY_BROKER_URL=redis://... (CI does)")
-    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    # The tests' base models are built under tmp_path; the API takes folders from the import folders only.
+    settings.PREFLAB = {**settings.PREFLAB, "ARTIFACTS_DIR": tmp_path / "artifacts", "MODEL_IMPORT_DIRS": [tmp_path]}
     with app.connection_for_write() as connection:
         # Messages left by an interrupted earlier session would name run ids of another database.
         try:
