@@ -240,8 +240,10 @@ def train_rlhf(
     if heldout:
         trained_generated = generate_greedy_ids(policy, tokenizer, heldout, max_new_tokens=max_new)
         trained_answers = [tokenizer.decode(ids, skip_special_tokens=True).strip() for _, ids in trained_generated]
-        before = score_responses(scorer, heldout, base_answers)
-        after = score_responses(scorer, heldout, trained_answers)
+        # Scored in one call, which scores a repeated sequence once: an answer training left unchanged gets exactly
+        # its base score, not one that moved with the shape of another batch.
+        scores = score_responses(scorer, [*heldout, *heldout], [*base_answers, *trained_answers])
+        before, after = scores[:len(heldout)], scores[len(heldout):]
         metrics["reward_before"] = sum(before) / len(before)
         metrics["reward_after"] = sum(after) / len(after)
         metrics["reward_gain"] = metrics["reward_after"] - metrics["reward_before"]
