@@ -63,14 +63,16 @@ def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
                   **extra: Any) -> HttpResponse:
     project_stats = stats.project_stats(project=project)
     agreement = project_stats["agreement"]
+    memberships = list(selectors.membership_list(project=project))
     context: dict[str, Any] = {
         "project": project,
         "stats": project_stats,
         "agreement": agreement,
-        "labeler_rows": selectors.labeler_table(stats=project_stats),
+        "labeler_rows": selectors.labeler_table(stats=project_stats,
+                                                member_ids={membership.user_id for membership in memberships}),
         "choice_rows": [(choice, project_stats["choices"][choice]) for choice in stats.CHOICES],
         "throughput_rows": project_stats["throughput"]["buckets"],
-        "memberships": selectors.membership_list(project=project),
+        "memberships": memberships,
         "roles": Membership.Role.choices,
         "import_formats": imports.FORMATS,
         "export_formats": exports.FORMATS,

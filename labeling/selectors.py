@@ -254,9 +254,10 @@ def labeler_outlier_reasons(*, comparisons: int, left_share: float | None, gold_
     return reasons
 
 
-def labeler_table(*, stats: dict[str, Any]) -> list[dict[str, Any]]:
+def labeler_table(*, stats: dict[str, Any], member_ids: set[int] | None = None) -> list[dict[str, Any]]:
     """One row per labeler from labeling.stats.project_stats output: activity, gold accuracy and agreement with
-    others side by side, with the outlier reasons of each."""
+    others side by side, with the outlier reasons of each. With `member_ids`, `member` says whether the labeler is
+    still in the project (a removed labeler's labels stay, and so does their row)."""
     gold = {row["labeler"]["id"]: row for row in stats["gold"]["labelers"]}
     agreement = {row["labeler"]["id"]: row for row in stats["agreement"]["per_labeler"]}
     rows = []
@@ -265,6 +266,7 @@ def labeler_table(*, stats: dict[str, Any]) -> list[dict[str, Any]]:
         gold_accuracy = gold[labeler_id]["accuracy"] if labeler_id in gold else None
         rows.append({
             **activity,
+            "member": member_ids is None or labeler_id in member_ids,
             "gold_comparisons": gold[labeler_id]["comparisons"] if labeler_id in gold else 0,
             "gold_accuracy": gold_accuracy,
             "agreement": agreement[labeler_id]["agreement"] if labeler_id in agreement else None,

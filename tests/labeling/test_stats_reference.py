@@ -414,7 +414,10 @@ def test_a_removed_labeler_keeps_their_numbers(project, manager):
     assert after == before
     assert [row["labeler"]["username"] for row in after["labelers"]] == ["ann", "bob"]
     assert after["gold"]["labelers"][1]["accuracy"] == 0.0
-    assert 'data-labeler="bob"' in _page(manager, f"/dashboard/{project.slug}/")
+    # The page keeps bob's row and says he is no longer in the project; ann's row says nothing of the kind.
+    page = _page(manager, f"/dashboard/{project.slug}/")
+    rows = {name: page.split(f'data-labeler="{name}"', 1)[1].split("</tr>", 1)[0] for name in ("ann", "bob")}
+    assert "no longer a member" in rows["bob"] and "no longer a member" not in rows["ann"]
 
 
 @pytest.mark.django_db
