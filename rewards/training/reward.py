@@ -179,15 +179,17 @@ def max_length_check(*, base_model: str | None, max_length: int) -> None:
     from rewards import embedded
 
     name = "" if base_model is None else str(base_model).strip()
-    if name.lower() in {"", "minilm", "all-minilm-l6-v2"}:
+    # Blank is this recipe's default backbone; an embedded name maps to the function that finds its folder.
+    finder = "minilm_path" if not name else EMBEDDED_BASE_MODELS.get(name.lower())
+    if finder is None:
+        folder = Path(name)
+    elif finder != "minilm_path":
+        return
+    else:
         try:
             folder = Path(embedded.minilm_path())
         except FileNotFoundError:
             return
-    elif name.lower() in EMBEDDED_BASE_MODELS:
-        return
-    else:
-        folder = Path(name)
     try:
         positions = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
     except (OSError, ValueError, AttributeError):
