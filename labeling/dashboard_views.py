@@ -20,7 +20,7 @@ from django.views import View
 from labeling import exports, imports, selectors, services, stats
 from labeling.errors import DomainError, Forbidden, NotFound, error_body
 from labeling.models import ApiToken, Membership, Project
-from labeling.views import _first_form_error
+from labeling.views import TextareaField, _first_form_error
 from rewards.selectors import rerank_usage, reward_model_deployed, reward_models_deployed
 
 # Which of a reward model's evaluation metrics the overview shows as its held-out accuracy.
@@ -56,7 +56,7 @@ class ApiKeyCreateForm(forms.Form):
 
 
 class GuidelinesForm(forms.Form):
-    guidelines = forms.CharField(required=False, max_length=100_000, widget=forms.Textarea)
+    guidelines = TextareaField(required=False, max_length=100_000, widget=forms.Textarea)
 
 
 def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
@@ -64,12 +64,15 @@ def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
     project_stats = stats.project_stats(project=project)
     agreement = project_stats["agreement"]
     memberships = list(selectors.membership_list(project=project))
+    # Staff label every project without a membership: their rows are not those of a labeler who was removed.
+    staff_ids = set(get_user_model().objects.filter(
+        pk__in=[row["labeler"]["id"] for row in project_stats["labelers"]], is_staff=True).values_list("pk", flat=True))
     context: dict[str, Any] = {
         "project": project,
         "stats": project_stats,
         "agreement": agreement,
-        "labeler_rows": selectors.labeler_table(stats=project_stats,
-                                                member_ids={membership.user_id for membership in memberships}),
+        "labeler_rows": selectors.labeler_table(
+            stats=project_stats, member_ids={membership.user_id for membership in memberships} | staff_ids),
         "choice_rows": [(choice, project_stats["choices"][choice]) for choice in stats.CHOICES],
         "throughput_rows": project_stats["throughput"]["buckets"],
         "memberships": memberships,
@@ -81,7 +84,10 @@ def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
         "api_keys": selectors.api_key_list(project=project),
         "outlier_rule": {
             "min_labels": selectors.OUTLIER_MIN_LABELS, "left_band": selectors.OUTLIER_LEFT_SHARE_BAND,
-            "gold_min": selectors.OUTLIER_GOLD_ACCURACY_MIN, "seconds_min": selectors.OUTLIER_MEDIAN_SECONDS_MIN,
+            "gold_min": selectors.OUTLIER_GOLD_ACCURACY_MIN, "gold_answers": selectors.OUTLIER_GOLD_MIN_ANSWERS,
+            "seconds_min": selectors.OUTLIER_MEDIAN_SECONDS_MIN, "timed_min": selectors.OUTLIER_MEDIAN_MIN_TIMED,
+            "agreement_min": selectors.OUTLIER_AGREEMENT_MIN,
+            "agreement_pairs": selectors.OUTLIER_AGREEMENT_MIN_PAIRS,
         },
         **extra,
     }

@@ -195,13 +195,22 @@ def labeler_progress(*, projects: Iterable[Project], user: AbstractBaseUser) -> 
 
 # --- the manager dashboard ------------------------------------------------------------------------------
 
-# A labeler is flagged for a look when one of these holds. The left-side rate needs enough picks of a side to mean
-# anything: with fewer than OUTLIER_MIN_LABELS a fair labeler easily lands outside the band by chance, and ties
-# and both-bad answers say nothing about position.
+# A labeler is flagged for a look when one of these holds, each judged only on enough evidence: on a handful of
+# answers a careful labeler lands on the wrong side of any threshold by chance, and a flag that fires on noise
+# teaches managers to ignore flags. The left-side rate counts picks of a side only (ties and both-bad answers say
+# nothing about position); with OUTLIER_MIN_LABELS of them a fair labeler falls outside the band about one time in
+# nine. A labeler who is right on 90% of gold pairs falls below OUTLIER_GOLD_ACCURACY_MIN on 8% of samples of 5 gold
+# answers, on 1% of samples of OUTLIER_GOLD_MIN_ANSWERS.
 OUTLIER_MIN_LABELS = 20
 OUTLIER_LEFT_SHARE_BAND = (0.35, 0.65)
 OUTLIER_GOLD_ACCURACY_MIN = 0.7
+OUTLIER_GOLD_MIN_ANSWERS = 10
 OUTLIER_MEDIAN_SECONDS_MIN = 3.0
+# The median time over fewer answers is one or two quick answers to obvious pairs.
+OUTLIER_MEDIAN_MIN_TIMED = 10
+# Below this a labeler disagrees with the others on most of the labels they share.
+OUTLIER_AGREEMENT_MIN = 0.5
+OUTLIER_AGREEMENT_MIN_PAIRS = 20
 
 
 def project_list_managed_by(*, user: AbstractBaseUser) -> QuerySet[Project]:
@@ -238,19 +247,26 @@ def project_recent_activity(*, projects: Iterable[Project], now: datetime | None
     return {pk: found.get(pk, RecentActivity(0, 0)) for pk in ids}
 
 
-def labeler_outlier_reasons(*, comparisons: int, left_share: float | None, gold_accuracy: float | None,
-                            median_seconds: float | None, side_picks: int | None = None) -> list[str]:
+def labeler_outlier_reasons(*, side_picks: int, left_share: float | None, gold_comparisons: int,
+                            gold_accuracy: float | None, timed: int, median_seconds: float | None,
+                            agreement_pairs: int, agreement: float | None) -> list[str]:
     """Why a labeler's work deserves a second look (empty when nothing stands out). The one outlier rule.
-    `side_picks` is the number of A or B picks that `left_share` was taken over (all `comparisons` if not given)."""
+    Each measure comes with the count it was taken over: `side_picks` A or B picks for `left_share`,
+    `gold_comparisons` answers on gold pairs for `gold_accuracy`, `timed` comparisons with a time for
+    `median_seconds`, and `agreement_pairs` pairs shared with other labelers for `agreement`."""
     reasons = []
     low, high = OUTLIER_LEFT_SHARE_BAND
-    picks = comparisons if side_picks is None else side_picks
-    if picks >= OUTLIER_MIN_LABELS and left_share is not None and not low <= left_share <= high:
+    if side_picks >= OUTLIER_MIN_LABELS and left_share is not None and not low <= left_share <= high:
         reasons.append(f"picks the left side {left_share:.0%} of the time")
-    if gold_accuracy is not None and gold_accuracy < OUTLIER_GOLD_ACCURACY_MIN:
-        reasons.append(f"gold accuracy {gold_accuracy:.0%}")
-    if median_seconds is not None and median_seconds < OUTLIER_MEDIAN_SECONDS_MIN:
+    if (gold_comparisons >= OUTLIER_GOLD_MIN_ANSWERS and gold_accuracy is not None
+            and gold_accuracy < OUTLIER_GOLD_ACCURACY_MIN):
+        # The counts say what a rounded percentage cannot: 0.695 would read "70%" beside a threshold of 0.7.
+        correct = round(gold_accuracy * gold_comparisons)
+        reasons.append(f"gold accuracy {gold_accuracy:.0%} ({correct} of {gold_comparisons})")
+    if timed >= OUTLIER_MEDIAN_MIN_TIMED and median_seconds is not None and median_seconds < OUTLIER_MEDIAN_SECONDS_MIN:
         reasons.append(f"median {median_seconds:.1f} s per comparison")
+    if agreement_pairs >= OUTLIER_AGREEMENT_MIN_PAIRS and agreement is not None and agreement < OUTLIER_AGREEMENT_MIN:
+        reasons.append(f"agrees with the others {agreement:.0%} of the time")
     return reasons
 
 
@@ -263,16 +279,19 @@ def labeler_table(*, stats: dict[str, Any], member_ids: set[int] | None = None) 
     rows = []
     for activity in stats["labelers"]:
         labeler_id = activity["labeler"]["id"]
-        gold_accuracy = gold[labeler_id]["accuracy"] if labeler_id in gold else None
+        gold_row = gold.get(labeler_id, {"comparisons": 0, "accuracy": None})
+        agreement_row = agreement.get(labeler_id, {"pairs": 0, "agreement": None})
         rows.append({
             **activity,
             "member": member_ids is None or labeler_id in member_ids,
-            "gold_comparisons": gold[labeler_id]["comparisons"] if labeler_id in gold else 0,
-            "gold_accuracy": gold_accuracy,
-            "agreement": agreement[labeler_id]["agreement"] if labeler_id in agreement else None,
-            "outliers": labeler_outlier_reasons(comparisons=activity["comparisons"],
-                                                side_picks=activity["side_picks"],
-                                                left_share=activity["left_share"], gold_accuracy=gold_accuracy,
-                                                median_seconds=activity["median_seconds"]),
+            "gold_comparisons": gold_row["comparisons"],
+            "gold_accuracy": gold_row["accuracy"],
+            "agreement_pairs": agreement_row["pairs"],
+            "agreement": agreement_row["agreement"],
+            "outliers": labeler_outlier_reasons(
+                side_picks=activity["side_picks"], left_share=activity["left_share"],
+                gold_comparisons=gold_row["comparisons"], gold_accuracy=gold_row["accuracy"],
+                timed=activity["timed"], median_seconds=activity["median_seconds"],
+                agreement_pairs=agreement_row["pairs"], agreement=agreement_row["agreement"]),
         })
     return rows

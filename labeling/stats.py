@@ -140,15 +140,17 @@ def _median_ms_by_labeler(*, project: Project) -> dict[int, float]:
 
 
 def labeler_activity(*, project: Project) -> list[dict[str, Any]]:
-    """Per labeler of human comparisons: how many, median seconds per comparison (of those that carry a time),
-    how many picked a side (A or B), the share of left-side picks among those as the labeler saw them (0.5 is no
-    position bias), and the tie and both-bad rates."""
+    """Per labeler of human comparisons: how many, median seconds per comparison over those that carry a time
+    (`timed` of them), how many picked a side (A or B), the share of left-side picks among those as the labeler saw
+    them (0.5 is no position bias), and the tie and both-bad rates."""
     # Grouped by the labeler id alone, and named afterwards: with the username in the group key the rows to sort
     # for the median were wide enough to spill to disk on large projects.
     rows = (
         _human(project).values("labeler_id")
         .annotate(
             comparisons=Count("id"),
+            # Comparisons sent without a time (through the API) are left out of the median, and so of its count.
+            timed=Count("time_ms"),
             sided=Count("id", filter=Q(choice__in=DECISIVE)),
             left=Count("id", filter=_shown_on_left()),
             ties=Count("id", filter=Q(choice=Choice.TIE)),
@@ -171,6 +173,7 @@ def labeler_activity(*, project: Project) -> list[dict[str, Any]]:
             "labeler": _labeler_ref(row["labeler_id"], usernames[row["labeler_id"]]),
             "comparisons": row["comparisons"],
             "median_seconds": median_ms / 1000 if median_ms is not None else None,
+            "timed": row["timed"],
             "side_picks": row["sided"],
             "left_share": _share(row["left"], row["sided"]),
             "tie_rate": _share(row["ties"], row["comparisons"]),

@@ -27,6 +27,11 @@ CHOICE_BUTTONS = (
     ("both_bad", "4", "Both are bad"),
 )
 STRENGTH_OPTIONS = ((1, "q", "Slightly better"), (2, "w", "Clearly better"), (3, "e", "Much better"))
+# Refusals whose API wording tells a client what to call next; on the page the labeler's current pair is already
+# shown below the message, so it says what happened instead.
+PAGE_MESSAGES = {
+    "not_leased": "You no longer hold this pair: it was skipped (perhaps in another tab) or went back to the queue.",
+}
 
 
 def _is_htmx(request: HttpRequest) -> bool:
@@ -46,6 +51,16 @@ def id_form_field() -> forms.IntegerField:
     return forms.IntegerField(min_value=1, max_value=ID_MAX)
 
 
+class TextareaField(forms.CharField):
+    """Text from a <textarea>, every line break as one line feed. A browser counts a line break as one character
+    against the box's maxlength but a plain form post sends it as CRLF: without this a rationale that fit the box
+    was refused as too long, and stored with other line breaks than the same text sent by htmx (which sends LF)."""
+
+    def to_python(self, value: Any) -> str:
+        text = super().to_python(value)
+        return text.replace("\r\n", "\n").replace("\r", "\n") if text else text
+
+
 def _first_form_error(form: forms.Form) -> tuple[str | None, str]:
     """The first invalid field (None for a form-wide error) and its message; the pages show the field beside the
     message ("Not saved (rationale): ..."), so the message does not repeat it."""
@@ -59,9 +74,10 @@ _ASK_QUEUE: Any = object()
 
 
 def _label_response(request: HttpRequest, *, project: Project, status: int = 200, error: str | None = None,
-                    error_field: str | None = None, notice: str | None = None,
+                    error_field: str | None = None, error_title: str = "Not saved", notice: str | None = None,
                     values: dict[str, Any] | None = None, lease: Any = _ASK_QUEUE) -> HttpResponse:
-    """The labeling panel (for htmx) or the whole page, showing the labeler's current or next pair."""
+    """The labeling panel (for htmx) or the whole page, showing the labeler's current or next pair. `error_title`
+    says what did not happen ("Not saved" for an answer, "Not skipped" for a skip)."""
     if lease is _ASK_QUEUE:
         lease = services.pair_next_for_labeler(project=project, labeler=request.user)
     context: dict[str, Any] = {
@@ -69,6 +85,7 @@ def _label_response(request: HttpRequest, *, project: Project, status: int = 200
         "lease": None,
         "error": error,
         "error_field": error_field,
+        "error_title": error_title,
         "notice": notice,
         "choice_buttons": [button for button in CHOICE_BUTTONS if _choice_allowed(project, button[0])],
         "strength_options": STRENGTH_OPTIONS if project.strength_scale == Project.StrengthScale.ONE_TO_THREE else (),
@@ -142,7 +159,7 @@ class LabelSubmitView(_LabelLoginRequiredMixin, View):
         choice = forms.ChoiceField(choices=[(choice, choice) for choice in services.FRAME_CHOICES])
         strength = forms.TypedChoiceField(choices=[("", "none"), ("1", "1"), ("2", "2"), ("3", "3")], coerce=int,
                                           required=False, empty_value=None)
-        rationale = forms.CharField(required=False, max_length=10000)
+        rationale = TextareaField(required=False, max_length=10000)
         flags = forms.MultipleChoiceField(choices=Comparison.Flag.choices, required=False)
         time_ms = forms.IntegerField(min_value=0, max_value=2**31 - 1, required=False)
 
@@ -172,8 +189,8 @@ class LabelSubmitView(_LabelLoginRequiredMixin, View):
             else:
                 result = services.comparison_submit(**answer)
         except DomainError as exc:
-            return _label_response(request, project=project, status=exc.status_code, error=exc.message,
-                                   error_field=exc.field, values=data)
+            return _label_response(request, project=project, status=exc.status_code,
+                                   error=PAGE_MESSAGES.get(exc.code, exc.message), error_field=exc.field, values=data)
         notice = "Saved." if result.created else "This answer was already saved."
         if _is_htmx(request):
             return _label_response(request, project=project, notice=notice, lease=lease)
@@ -190,11 +207,12 @@ class LabelSkipView(_LabelLoginRequiredMixin, View):
         form = self.InputForm(request.POST)
         if not form.is_valid():
             field, message = _first_form_error(form)
-            return _label_response(request, project=project, status=400, error=message, error_field=field)
+            return _label_response(request, project=project, status=400, error=message, error_field=field,
+                                   error_title="Not skipped")
         try:
             services.lease_release(project=project, labeler=request.user, pair_id=form.cleaned_data["pair"])
         except DomainError as exc:
             return _label_response(request, project=project, status=exc.status_code, error=exc.message,
-                                   error_field=exc.field)
+                                   error_field=exc.field, error_title="Not skipped")
         # The skipped pair goes back to the queue for others; this labeler moves straight on to the next one.
         return _label_response(request, project=project, notice="Pair skipped.")

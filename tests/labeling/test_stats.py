@@ -107,9 +107,9 @@ def test_labeler_activity_reconstructs_the_shown_side_and_medians_times(project)
     _imported(pairs[2], "a")
     rows = stats.labeler_activity(project=project)
     assert rows == [
-        {"labeler": {"id": ann.pk, "username": "ann"}, "comparisons": 4, "median_seconds": 2.0,
+        {"labeler": {"id": ann.pk, "username": "ann"}, "comparisons": 4, "median_seconds": 2.0, "timed": 3,
          "side_picks": 3, "left_share": pytest.approx(2 / 3), "tie_rate": 0.25, "both_bad_rate": 0.0},
-        {"labeler": {"id": bob.pk, "username": "bob"}, "comparisons": 2, "median_seconds": 1.5,
+        {"labeler": {"id": bob.pk, "username": "bob"}, "comparisons": 2, "median_seconds": 1.5, "timed": 2,
          "side_picks": 0, "left_share": None, "tie_rate": 0.0, "both_bad_rate": 1.0},
     ]
 

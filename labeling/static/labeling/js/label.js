@@ -9,6 +9,9 @@
   var SETTLE_MS = 350;
   var settledAt = 0;
   var DRAFT_KEY = "preflab:label-draft";
+  // The most the server stores as a time to answer (2^31 - 1 ms, 24.8 days). A pair left on screen longer would
+  // otherwise be refused on every answer ("time_ms" out of range), since the time only grows until a reload.
+  var TIME_MS_MAX = 2147483647;
   var pairBeforeSwap = null;
 
   function panel() {
@@ -139,7 +142,7 @@
   // Capture phase: runs before htmx reads the form, and before a plain submit when htmx is not loaded.
   document.addEventListener("submit", function (event) {
     var field = event.target.querySelector && event.target.querySelector("[data-time-ms]");
-    if (field) field.value = String(Math.max(0, Math.round(performance.now() - shownAt)));
+    if (field) field.value = String(Math.min(TIME_MS_MAX, Math.max(0, Math.round(performance.now() - shownAt))));
     if (event.target === labelForm()) saveDraft(event.target);
   }, true);
 
