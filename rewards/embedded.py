@@ -29,6 +29,9 @@ def _package_dir(name: str) -> Path:
 
 def model_cache_dir() -> Path:
     """Root of materialized checkpoints: $PREFLAB_MODEL_CACHE, or var/models in the repository."""
+    # Read here, on every call, rather than once in config/settings: this module needs no Django settings (bench
+    # scripts and tests use it as a library, and a test points it at a folder of its own). The default ignores
+    # PREFLAB_VAR_DIR on purpose: building the checkpoint takes minutes, so every var folder of a machine shares it.
     return Path(os.environ.get("PREFLAB_MODEL_CACHE") or REPO_DIR / "var" / "models")
 
 

@@ -17,9 +17,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # The variables a clean environment must not carry: each case says exactly what it sets.
-_PREFIXES = ("DJANGO_", "PREFLAB_", "DATABASE_", "CELERY_", "FLOWER_")
-# Documented in the table but read elsewhere: the entry points and `bootstrap_demo`.
-_READ_OUTSIDE_SETTINGS = {"DJANGO_SETTINGS_MODULE", "PREFLAB_ADMIN_PASSWORD"}
+_PREFIXES = ("DJANGO_", "PREFLAB_", "DATABASE_", "CELERY_", "FLOWER_", "PROMETHEUS_")
+# The code that ships (bench/ and tests/ have variables of their own, documented with their commands).
+_SHIPPED_CODE = ["config", "labeling", "rewards", "worker", "manage.py"]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -63,12 +63,83 @@ def _read_by_settings() -> set[str]:
     return set(re.findall(r"\benv(?:_int|_float|_bool|_list|\.\w+)\(\s*\"([A-Z][A-Z0-9_]+)\"", source))
 
 
-def test_the_configuration_table_lists_every_variable_the_settings_read_and_no_other():
+_ENVIRON_READ = re.compile(r"\bos\.(?:environ\.get|environ\.setdefault|getenv)\(\s*([^,)]+)"
+                           r"|\bos\.environ\[\s*([^\]]+)\]")
+
+
+def _read_outside_settings() -> dict[str, set[str]]:
+    """Variables the shipped code reads with os.environ outside config/settings: name -> the files reading it. A
+    name given as a module constant (`MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"`) is resolved in its module."""
+    paths = [path for entry in _SHIPPED_CODE for path in ([ROOT / entry] if entry.endswith(".py")
+                                                          else (ROOT / entry).rglob("*.py"))]
+    found: dict[str, set[str]] = {}
+    for path in paths:
+        if (ROOT / "config" / "settings") in path.parents:
+            continue
+        source = path.read_text()
+        constants = dict(re.findall(r"^([A-Z][A-Z0-9_]*)\s*=\s*\"([A-Z][A-Z0-9_]+)\"", source, re.MULTILINE))
+        for match in _ENVIRON_READ.finditer(source):
+            argument = (match[1] or match[2]).strip()
+            name = argument.strip("\"'") if argument[0] in "\"'" else constants.get(argument)
+            assert name, f"{path.relative_to(ROOT)} reads the environment by {argument!r}, which this test cannot name"
+            found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def _compose_variables() -> dict[str, str]:
+    """What docker-compose.yml lets a deployer set: the `${NAME:-default}` it fills in from the environment or `.env`
+    (name -> default), and the environment it gives Preflab's services beyond what the settings read (name -> value).
+    The postgres service's own POSTGRES_DB and POSTGRES_USER are fixed in the file."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    names = {name: default for name, default in re.findall(r"\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}", text)}
+    services = _compose()["services"]
+    for service in ("web", "worker", "flower"):
+        for key, value in services[service]["environment"].items():
+            names.setdefault(key, _interpolated(value))
+    return names
+
+
+def test_the_configuration_table_lists_every_variable_the_project_reads_and_no_other():
     documented = set(_configuration_table())
     read = _read_by_settings()
+    outside = _read_outside_settings()
+    compose = _compose_variables()
     assert {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "PREFLAB_LEASE_SECONDS"} <= read
-    assert read - documented == set()
-    assert documented - read == _READ_OUTSIDE_SETTINGS
+    assert outside["PREFLAB_MODEL_CACHE"] == {"rewards/embedded.py"}
+    assert outside["PROMETHEUS_MULTIPROC_DIR"] == {"config/metrics.py"}
+    assert {"DJANGO_SETTINGS_MODULE", "PREFLAB_ADMIN_PASSWORD"} <= set(outside)
+    assert {"FLOWER_BASIC_AUTH", "POSTGRES_PASSWORD", "PREFLAB_PORT", "FLOWER_PORT"} <= set(compose)
+    assert (read | set(outside) | set(compose)) - documented == set()
+    assert documented - (read | set(outside) | set(compose)) == set()
+
+
+def test_the_table_gives_the_compose_default_of_each_variable_only_compose_sets():
+    table = _configuration_table()
+    read_by_code = _read_by_settings() | set(_read_outside_settings())
+    compose_only = {name: default for name, default in _compose_variables().items() if name not in read_by_code}
+    assert {"FLOWER_BASIC_AUTH", "POSTGRES_PASSWORD", "PREFLAB_PORT", "FLOWER_PORT"} <= set(compose_only)
+    for name, default in compose_only.items():
+        assert table[name][0] == f"`{default}` (docker-compose)", name
+    # Set by compose but read by a library and config/metrics.py: its compose value is one of the defaults listed.
+    metrics_dir = _compose_variables()["PROMETHEUS_MULTIPROC_DIR"]
+    assert f"docker-compose: `{metrics_dir}`" in table["PROMETHEUS_MULTIPROC_DIR"][0]
+
+
+def test_the_model_cache_is_found_without_django_settings_and_follows_its_variable(tmp_path):
+    """rewards.embedded is used as a library (bench scripts, tests): it reads PREFLAB_MODEL_CACHE itself, on every
+    call, and its default is the repository's var/models whatever PREFLAB_VAR_DIR says, as the table says."""
+    documented = _configuration_table()["PREFLAB_MODEL_CACHE"][0]
+    assert documented.startswith("`var/models` in the repository, whatever `PREFLAB_VAR_DIR` says")
+    # Compose puts it on the volume web and worker share, so the checkpoint is built once between them.
+    compose_value = _compose_variables()["PREFLAB_MODEL_CACHE"]
+    assert compose_value.startswith("/data/artifacts/") and f"docker-compose: `{compose_value}`" in documented
+    script = ("import os, sys; from rewards.embedded import model_cache_dir; print(model_cache_dir()); "
+              "os.environ['PREFLAB_MODEL_CACHE'] = sys.argv[1]; print(model_cache_dir()); "
+              "print('django.conf' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "models")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env=_clean_env(PREFLAB_VAR_DIR=str(tmp_path / "var")))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(ROOT / "var" / "models"), str(tmp_path / "models"), "False"]
 
 
 # variable: (the table's default cell, the settings expression, its value under a clean environment)
@@ -292,8 +363,7 @@ def test_the_compose_environment_starts_the_production_settings_and_every_variab
     documented = set(_configuration_table())
     for name in ("web", "worker", "flower"):
         env = {key: _interpolated(value) for key, value in compose["services"][name]["environment"].items()}
-        ours = {key for key in env if key.startswith(("DJANGO_", "PREFLAB_", "DATABASE_", "REDIS_", "CELERY_"))}
-        assert ours - documented == set(), name
+        assert set(env) - documented == set(), name
         code = ("print(json.dumps([s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL, "
                 "s.CACHES['default']['LOCATION'], str(s.PREFLAB['ARTIFACTS_DIR']), s.LOG_FORMAT, s.DEBUG]))")
         result = _settings(tree, "production", code, **env)

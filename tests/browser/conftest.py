@@ -45,20 +45,30 @@ def browser(live_server, monkeypatch) -> Iterator:
             connections.close_all()
 
 
+# How Chromium words a refusal by the Content-Security-Policy in the console.
+CSP_VIOLATION = re.compile(r"Content Security Policy", re.IGNORECASE)
+
+
 @pytest.fixture
-def page(browser, live_server) -> Iterator:
+def page(browser, live_server, request) -> Iterator:
     context = browser.new_context(base_url=live_server.url, accept_downloads=True,
                                   viewport={"width": 1280, "height": 900})
     context.set_default_timeout(15_000)
     page = context.new_page()
     errors: list[str] = []
+    violations: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda message: violations.append(message.text)
+            if CSP_VIOLATION.search(message.text) else None)
     try:
         yield page
     finally:
         context.close()
-    # A script that throws on any page visited is a bug even when the journey itself got through.
+    # A script that throws on any page visited is a bug even when the journey itself got through, and so is
+    # anything the policy refused on the way (a script or style the page needed that did not apply).
     assert not errors, f"JavaScript errors: {errors}"
+    if request.node.get_closest_marker("csp_violation_expected") is None:
+        assert not violations, f"Content-Security-Policy violations: {violations}"
 
 
 @pytest.fixture
