@@ -212,3 +212,26 @@ def test_what_one_labeler_typed_never_fills_the_form_of_another_in_the_same_tab(
     page.wait_for_url(f"**{label_path}")
     expect(page.locator(PAIR_FIELD)).to_have_value(pair)  # the same pair, leased to the other labeler
     expect(page.locator("#rationale")).to_have_value("")
+
+
+def test_a_failed_skip_says_not_skipped_and_a_failed_answer_not_saved(page, shot, live_server):
+    """When the server cannot be reached, the message names what did not happen: a labeler who pressed S must not
+    read that an answer was lost, and one who answered must not read that a skip failed."""
+    project, user = _project_with_pairs(2)
+    label_path = f"/projects/{project.slug}/label/"
+    login(page, shot, username=user.username, next_path=label_path)
+    pair = page.locator(PAIR_FIELD).get_attribute("value")
+    page.route(re.compile(r"/label/(skip|submit)/$"), lambda route: route.abort())
+    page.keyboard.press("s")
+    error = page.locator("#panel-error")
+    expect(error).to_be_focused()
+    expect(error).to_contain_text("Not skipped: the server could not be reached")
+    shot("skip-unreachable")
+    page.keyboard.press("Escape")
+    page.keyboard.press("1")
+    expect(error).to_contain_text("Not saved: the server could not be reached")
+    shot("answer-unreachable")
+    # Nothing happened on the server, and the pair is still the labeler's.
+    expect(page.locator(PAIR_FIELD)).to_have_value(pair)
+    assert not Comparison.objects.exists()
+    assert Lease.objects.get(labeler=user).pair_id == int(pair)

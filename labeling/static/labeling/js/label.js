@@ -69,7 +69,8 @@
 
   // A problem the panel itself cannot show (the server failed, or answered with another page): shown at the top
   // of the panel, which keeps the pair and what was typed, and focused so that it is read out.
-  function showProblem(text) {
+  // `elt` is the element whose request failed: a skip that failed says so, rather than that an answer was lost.
+  function showProblem(text, elt) {
     var p = panel();
     if (!p) return;
     var old = p.querySelector("#panel-error");
@@ -80,7 +81,7 @@
     box.setAttribute("role", "alert");
     box.tabIndex = -1;
     var strong = document.createElement("strong");
-    strong.textContent = "Not saved:";
+    strong.textContent = elt && elt.closest && elt.closest(".skip-form") ? "Not skipped:" : "Not saved:";
     box.appendChild(strong);
     box.appendChild(document.createTextNode(" " + text + " "));
     var reload = document.createElement("a");
@@ -199,7 +200,7 @@
       event.detail.shouldSwap = false;
       var status = event.detail.xhr.status;
       showProblem(status === 403 ? "your session changed (a log-out or log-in in another tab?)."
-                                 : "the server answered with an unexpected page (" + status + ").");
+                                 : "the server answered with an unexpected page (" + status + ").", event.detail.elt);
     }
   });
 
@@ -213,12 +214,12 @@
     announcePanel();
   });
 
-  document.addEventListener("htmx:sendError", function () {
-    showProblem("the server could not be reached; please try again.");
+  document.addEventListener("htmx:sendError", function (event) {
+    showProblem("the server could not be reached; please try again.", event.detail.elt);
   });
 
   document.addEventListener("htmx:responseError", function (event) {
-    showProblem("the server failed (" + event.detail.xhr.status + "); please try again.");
+    showProblem("the server failed (" + event.detail.xhr.status + "); please try again.", event.detail.elt);
   });
 
   // A page restored from the back/forward cache shows a pair that may have been answered since: ask the server
