@@ -58,6 +58,7 @@ from rewards.training.common import (
     CHECKPOINT_PREFIX,
     EMBEDDED_BASE_MODELS,
     HyperparameterError,
+    TrainingCancelled,
     base_model_check,
     base_model_label,
     checkpoint_step,
@@ -81,6 +82,8 @@ class Recipe:
     train: Callable[..., Any]
     default_base_model: Callable[[], Any]
     default_base_name: str
+    # Refuses lengths past the base model's positions at submission (HyperparameterError naming the field).
+    length_check: Callable[..., None] = lambda **kwargs: None
 
 
 def _recipe(kind: str) -> Recipe:
@@ -91,17 +94,17 @@ def _recipe(kind: str) -> Recipe:
         from rewards.training import reward
 
         return Recipe(reward.REWARD_DEFAULTS, reward.validate_reward_hyperparameters, reward.train_reward_model,
-                      embedded.minilm_path, "minilm")
+                      embedded.minilm_path, "minilm", reward.reward_length_check)
     if kind == TrainingRun.Kind.DPO:
         from rewards.training import dpo
 
         return Recipe(dpo.DPO_DEFAULTS, dpo.validate_dpo_hyperparameters, dpo.train_dpo, embedded.smollm2_path,
-                      "smollm2")
+                      "smollm2", dpo.dpo_length_check)
     if kind == TrainingRun.Kind.RLHF:
         from rewards.training import rlhf
 
         return Recipe(rlhf.RLHF_DEFAULTS, rlhf.validate_rlhf_hyperparameters, rlhf.train_rlhf,
-                      embedded.smollm2_path, "smollm2")
+                      embedded.smollm2_path, "smollm2", rlhf.rlhf_length_check)
     raise DomainError(f"Unknown training kind '{kind}'; use one of {', '.join(TrainingRun.Kind.values)}.",
                       field="kind")
 
@@ -182,6 +185,7 @@ def training_run_start(*, project: Project, kind: str, created_by: AbstractBaseU
 
 
 IDEMPOTENCY_KEY_MAX = 255
+SEED_MAX = 2**31 - 1
 
 
 def training_run_start_once(*, project: Project, idempotency_key: str, kind: str, base_model: str = "",
@@ -240,6 +244,9 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
                           field="kind")
     if not 0.0 <= eval_fraction < 1.0:
         raise DomainError("eval_fraction must be at least 0 and below 1.", field="eval_fraction")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        # The API's bounds, for every caller (`train --seed`): the run stores it in a 32-bit column.
+        raise DomainError(f"seed must be a whole number from 0 to {SEED_MAX}.", field="seed")
     if restrict_to_import_dirs and base_model and base_model.lower() not in EMBEDDED_BASE_MODELS \
             and not _import_allowed(Path(base_model).expanduser().resolve(), project=project):
         # Checked before the folder is looked at, so the answer tells nothing about what else is on the server.
@@ -248,13 +255,12 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
                           field="base_model", code="invalid_base_model")
     training_base_model_validate(base_model=base_model)
     validated = training_hyperparameters_validate(kind=kind, hyperparameters=hyperparameters)
-    if kind == TrainingRun.Kind.REWARD:
-        from rewards.training.reward import max_length_check
-
-        try:
-            max_length_check(base_model=base_model, max_length=validated.get("max_length", 0))
-        except HyperparameterError as exc:
-            raise DomainError(exc.message, field=f"hyperparameters.{exc.field}", code="invalid_hyperparameter")
+    try:
+        # A length past the base model's positions (max_length; a policy's generated tokens too): a GPT-2-style
+        # model fails with an index error hours into the run, a rotary one trains on text it was not built for.
+        _recipe(kind).length_check(base_model=base_model, hyperparameters=validated)
+    except HyperparameterError as exc:
+        raise DomainError(exc.message, field=f"hyperparameters.{exc.field}", code="invalid_hyperparameter")
     reward_model = None
     if kind != TrainingRun.Kind.REWARD:
         reward_model = RewardModel.objects.filter(project=project, is_deployed=True).first()
@@ -417,6 +423,10 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
                     # The judge only adds the win rate: the run trains without it rather than fail at its end.
                     _attempt_log(run, progress.log_lines, f"no win rate: {exc.message}")
             result = recipe.train(base_model=base_model, train=train, eval=held_out, **common)
+    except TrainingCancelled:
+        # Stopped on the cancel request during training: nothing was evaluated or saved after it.
+        return _attempt_cancelled(run=run, attempt=attempt, history=progress.history, output_dir=output_dir,
+                                  checkpoint_dir=checkpoint_dir)
     except (DomainError, HyperparameterError) as exc:
         # A rule the run broke (its labels changed, its base model folder went away): the reason is the whole
         # story, so the run and the worker's log get it without a traceback.
@@ -446,22 +456,37 @@ def training_run_execute(*, run_id: int, worker: str = "", callbacks: Iterable[A
         # a later attempt or failed: that decision stands, and the files now belong to the later attempt.
         logger.warning("training run %s is no longer running as attempt %s; leaving it", run.pk, attempt)
         return TrainingRun.objects.get(pk=run.pk)
+    history = progress.history or [_json_dict(entry) for entry in (result.history or [])]
     if progress.cancelled or TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists():
-        TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=attempt).update(
-            status=TrainingRun.Status.CANCELLED, finished_at=timezone.now(), eta_seconds=None,
-            metrics_history=progress.history or list(getattr(result, "history", [])),
-        )
-        shutil.rmtree(output_dir, ignore_errors=True)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        return TrainingRun.objects.get(pk=run.pk)
+        # Asked to stop during the evaluation or saving that follow training.
+        return _attempt_cancelled(run=run, attempt=attempt, history=history, output_dir=output_dir,
+                                  checkpoint_dir=checkpoint_dir)
     if run.kind == TrainingRun.Kind.REWARD:
         _attempt_log(run, progress.log_lines, _shortened_message(run, result))
     run = _training_run_succeed(run=run, result=result, history=progress.history, attempt=attempt,
                                 base_model=base_model_label(run.base_model, default=recipe.default_base_name),
                                 base_model_path=base_model)
+    if run.status == TrainingRun.Status.RUNNING and run.attempts == attempt and run.cancel_requested:
+        # The cancel request landed after the check above and before the run was marked succeeded: the succeed
+        # write refuses a run asked to stop, so the user who was told it stops never finds it succeeded.
+        return _attempt_cancelled(run=run, attempt=attempt, history=history, output_dir=output_dir,
+                                  checkpoint_dir=checkpoint_dir)
     if run.status == TrainingRun.Status.SUCCEEDED and run.attempts == attempt:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return run
+
+
+def _attempt_cancelled(*, run: TrainingRun, attempt: int, history: list[dict[str, Any]], output_dir: Path,
+                       checkpoint_dir: Path) -> TrainingRun:
+    """End a run that this attempt stopped on its cancel request, and remove its files; a run that is no longer
+    running as this attempt (given up for lost meanwhile) is left to whoever has it, files included."""
+    if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempts=attempt).update(
+            status=TrainingRun.Status.CANCELLED, finished_at=timezone.now(), eta_seconds=None,
+            metrics_history=history):
+        logger.info("training run %s: cancelled as requested", run.pk)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrainingRun.objects.get(pk=run.pk)
 
 
 def _run_reward_model_path(run: TrainingRun) -> str:
@@ -603,7 +628,9 @@ def _training_run_succeed(*, run: TrainingRun, result: Any, base_model: str, bas
                           history: list[dict[str, Any]], attempt: int | None = None) -> TrainingRun:
     Project.objects.select_for_update().filter(pk=run.project_id).first()
     metrics = {key: _json_value(value) for key, value in dict(result.metrics or {}).items()}
-    mine = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING)
+    # Not a run asked to stop: a cancel request that landed while training ended wins over the success, and one
+    # sent after this write commits finds the run succeeded (a 409), so the two never both take effect.
+    mine = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, cancel_requested=False)
     if attempt is not None:
         mine = mine.filter(attempts=attempt)
     updated = mine.update(
@@ -613,8 +640,10 @@ def _training_run_succeed(*, run: TrainingRun, result: Any, base_model: str, bas
     )
     run.refresh_from_db()
     if not updated:
-        # Recovery or an operator finished the run while it trained; its files are left but not registered.
-        logger.warning("training run %s finished as %s while it trained; not registering it", run.pk, run.status)
+        # Recovery or an operator finished the run while it trained, or it was asked to stop (the caller cancels
+        # it); its files are not registered.
+        logger.warning("training run %s is %s%s; not registering it", run.pk, run.status,
+                       " with a cancel request" if run.cancel_requested else "")
         return run
     fields = {"project": run.project, "training_run": run, "artifact_path": str(result.artifact),
               "base_model": base_model, "metrics": metrics, "created_by": run.created_by,
@@ -647,22 +676,35 @@ def _next_version(model: type[RewardModel] | type[Policy], project: Project) -> 
 # --- cancel, fail, recover ------------------------------------------------------------------------------
 
 
+# How often a cancel looks again at a run that moved between queued and running under it (a worker claiming it,
+# a sweep queuing it again) before it gives up; each move is a real event, so two are already rare.
+CANCEL_TRIES = 3
+
+
 @transaction.atomic
 def training_run_cancel(*, run: TrainingRun) -> TrainingRun:
-    """A queued run is cancelled at once; a running one is asked to stop at its next log step."""
-    now = timezone.now()
-    if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
-            status=TrainingRun.Status.CANCELLED, cancel_requested=True, finished_at=now):
-        # A run queued again after a lost worker still has the checkpoint it would have resumed from, and may
-        # have the files the lost attempt was saving.
-        shutil.rmtree(training_run_checkpoint_dir(run=run), ignore_errors=True)
-        shutil.rmtree(_output_dir(run), ignore_errors=True)
+    """A queued run is cancelled at once; a running one is asked to stop at its next log step, and never ends
+    succeeded after that (see _training_run_succeed): it stops, or is cancelled when it finishes training first.
+
+    Each change is one conditional write, so it cannot interleave with a worker claiming the run (a claim takes
+    only a queued run without a cancel request) or marking it succeeded: whichever writes first wins, and the
+    other sees it. A run that moved between queued and running under the cancel is looked at again."""
+    for _ in range(CANCEL_TRIES):
+        if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
+                status=TrainingRun.Status.CANCELLED, cancel_requested=True, finished_at=timezone.now(),
+                eta_seconds=None):
+            # A run queued again after a lost worker still has the checkpoint it would have resumed from, and may
+            # have the files the lost attempt was saving.
+            shutil.rmtree(training_run_checkpoint_dir(run=run), ignore_errors=True)
+            shutil.rmtree(_output_dir(run), ignore_errors=True)
+            run.refresh_from_db()
+            return run
+        if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True):
+            run.refresh_from_db()
+            return run
         run.refresh_from_db()
-        return run
-    if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True):
-        run.refresh_from_db()
-        return run
-    run.refresh_from_db()
+        if run.status not in (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING):
+            break
     raise Conflict(f"Run {run.pk} is already {run.status}; only queued or running runs can be cancelled.",
                    field="status", code="not_cancellable")
 
@@ -827,6 +869,69 @@ def _import_allowed(path: Path, *, project: Project) -> bool:
     return run_id.isdigit() and TrainingRun.objects.filter(pk=int(run_id), project=project).exists()
 
 
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file is not one (its header, a length and a JSON table of tensors whose data lies inside
+    the file, is read; the tensors are not), or None."""
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as stream:
+            head = stream.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or 8 + length > size:
+                return f"{file.name} is not a safetensors file"
+            table = json.loads(stream.read(length))
+    except OSError as exc:
+        return f"{file.name} could not be read ({exc.strerror or exc})"
+    except ValueError:
+        return f"{file.name} is not a safetensors file"
+    if not isinstance(table, dict):
+        return f"{file.name} is not a safetensors file"
+    data = size - 8 - length
+    for name, entry in table.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"{file.name} is not a safetensors file"
+        if offsets[1] > data:
+            return f"{file.name} is cut short"
+    return None
+
+
+def _weights_problem(folder: Path) -> str | None:
+    """Why a model folder's weights cannot be loaded, checked without loading them: a safetensors file's header,
+    a sharded index and its shards; None when nothing is wrong. A registered version whose weights fail to load
+    would otherwise be found out by the first request that scores with it."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, ValueError, AttributeError):
+            return f"{index_name} is not a readable index of shards"
+        if not isinstance(weight_map, dict) or not weight_map:
+            return f"{index_name} lists no shards"
+        for shard in sorted({str(name) for name in weight_map.values()}):
+            if not (folder / shard).is_file():
+                return f"shard {shard} of {index_name} is missing"
+            if shard.endswith(".safetensors") and (problem := _safetensors_problem(folder / shard)):
+                return problem
+        return None
+    if (folder / "model.safetensors").exists():
+        return _safetensors_problem(folder / "model.safetensors")
+    binary = folder / "pytorch_model.bin"
+    try:
+        with binary.open("rb") as stream:
+            start = stream.read(4)
+    except OSError as exc:
+        return f"pytorch_model.bin could not be read ({exc.strerror or exc})"
+    # torch.save writes a zip archive (a pickle, which starts with the protocol byte 0x80, before torch 1.6).
+    if start != b"PK\x03\x04" and start[:1] != b"\x80":
+        return "pytorch_model.bin is not a PyTorch checkpoint"
+    return None
+
+
 def reward_model_folder_check(*, path: str | Path) -> Any:
     """Check that a folder holds a sequence-classification model with a single output; return its config."""
     from transformers import AutoConfig
@@ -834,10 +939,14 @@ def reward_model_folder_check(*, path: str | Path) -> Any:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DomainError(f"No folder at '{path}'.", field="path", code="not_found")
+    if not (folder / "config.json").is_file():
+        raise DomainError(f"'{path}' is not a model folder: it has no config.json.", field="path",
+                          code="not_a_reward_model")
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise DomainError(f"'{path}' has no readable model config (config.json): {exc}", field="path")
+    except Exception as exc:  # any file can be named: a wrong type in it fails deep inside transformers
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DomainError(f"'{path}' has no readable model config (config.json): {reason}", field="path")
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise DomainError(f"'{path}' is a {architectures[0]}, not a sequence-classification model.", field="path",
@@ -847,6 +956,10 @@ def reward_model_folder_check(*, path: str | Path) -> Any:
                           code="not_a_reward_model")
     if not any((folder / name).exists() for name in WEIGHT_FILES):
         raise DomainError(f"'{path}' has no weights (model.safetensors or pytorch_model.bin).", field="path")
+    unreadable = _weights_problem(folder)
+    if unreadable:
+        raise DomainError(f"'{path}' has weights that cannot be read: {unreadable}.", field="path",
+                          code="unreadable_weights")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise DomainError(f"'{path}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it into the folder "
                           "with tokenizer.save_pretrained.", field="path", code="missing_tokenizer")

@@ -2,6 +2,7 @@
 the checkpoints a run resumes from."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,18 @@ class HyperparameterError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class TrainingCancelled(Exception):
+    """Training stopped on the run's cancel request; the recipe saved and evaluated nothing after it."""
+
+
+def raise_if_cancelled(callbacks: Any) -> None:
+    """Raise TrainingCancelled when a callback stopped training on a cancel request (it says so with a true
+    `cancelled` attribute, as rewards.progress.RunProgressCallback does): the recipe then skips the evaluation,
+    generation and saving that follow training, which a cancelled run would throw away."""
+    if any(getattr(callback, "cancelled", False) for callback in callbacks or ()):
+        raise TrainingCancelled("training stopped on a cancel request")
 
 
 @dataclass
@@ -71,6 +84,61 @@ def base_model_check(base_model: str | Path | None) -> None:
         raise HyperparameterError(
             "base_model", f"{name} is neither an embedded model ({', '.join(sorted(EMBEDDED_BASE_MODELS))}) nor a "
                           "local model folder with a config.json; models are not downloaded.")
+
+
+# How many positions the embedded models hold (their configs' max_position_embeddings), for a submission made before
+# the embedded policy was first built from its GGUF (tests check these against the packaged models).
+EMBEDDED_POSITIONS = {"minilm_path": 512, "smollm2_path": 8192}
+# The names configs give a model's positions: transformers maps max_position_embeddings to n_positions for GPT-2
+# and its kin (learned absolute positions), so a raw config.json may carry either.
+POSITION_KEYS = ("max_position_embeddings", "n_positions")
+
+
+def config_positions(config: dict[str, Any]) -> int | None:
+    """The positions a raw config.json gives its model (a multimodal model's are in its text_config), or None."""
+    for source in (config, config.get("text_config")):
+        if not isinstance(source, dict):
+            continue
+        for key in POSITION_KEYS:
+            value = source.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def model_positions(model: Any) -> int | None:
+    """How many tokens a loaded model takes at once (its config's max_position_embeddings, which transformers maps
+    to n_positions for GPT-2-style configs), or None when its config does not say."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
+
+
+def base_model_positions(base_model: str | Path | None, *, default: str) -> int | None:
+    """The positions of a base model as a submission names it (blank is the recipe's `default`, an embedded name),
+    read from its config.json without loading anything; None when that cannot be told (no readable config), in
+    which case the worker's check on the loaded model is the only one."""
+    from rewards import embedded
+
+    name = _base_name(base_model) or default
+    finder = EMBEDDED_BASE_MODELS.get(name.lower())
+    if finder == "smollm2_path":
+        # Built from the packaged GGUF on first use: read the built folder's config when it is there, and do not
+        # build it (minutes) just to answer a submission.
+        folder = embedded.model_cache_dir() / embedded.SMOLLM2_DIR_NAME
+        if not (folder / embedded._COMPLETE_MARKER).exists():
+            return EMBEDDED_POSITIONS[finder]
+    elif finder is not None:
+        try:
+            folder = Path(getattr(embedded, finder)())
+        except FileNotFoundError:
+            return EMBEDDED_POSITIONS[finder]
+    else:
+        folder = Path(name).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config_positions(config) if isinstance(config, dict) else None
 
 
 def resolve_base_model(base_model: str | Path | None, *, default: Callable[[], Path]) -> Path:

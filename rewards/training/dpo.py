@@ -14,9 +14,12 @@ from rewards.training.common import (
     DEFAULT_SAVE_STEPS,
     HyperparameterError,
     TrainingResult,
+    base_model_positions,
     check_save_steps,
     checkpoint_arguments,
+    model_positions,
     pick_device,
+    raise_if_cancelled,
 )
 from rewards.training.data import PreferenceExample, prompt_key, prompt_messages
 
@@ -165,6 +168,26 @@ def validate_dpo_hyperparameters(hp: dict) -> dict:
     return merged
 
 
+def dpo_lengths_fit(hp: dict[str, Any], *, positions: int) -> None:
+    """Refuse lengths that do not fit the policy's `positions`: a DPO sequence (prompt and reply) is at most
+    max_length tokens, and a win-rate answer of max_new_tokens needs at least one prompt token before it. A
+    GPT-2-style policy (learned absolute positions) fails with an index error past its positions, and a rotary one
+    (Llama, SmolLM2) is trained and judged on text it was never built for; both are refused alike."""
+    if hp["max_length"] > positions:
+        raise HyperparameterError("max_length", f"is larger than the {positions} positions of the base model.")
+    if hp["win_rate_prompts"] and hp["max_new_tokens"] >= positions:
+        raise HyperparameterError("max_new_tokens", f"must be below the {positions} positions of the base model "
+                                                    "(a win-rate answer follows at least one prompt token).")
+
+
+def dpo_length_check(*, base_model: str | None, hyperparameters: dict[str, Any]) -> None:
+    """dpo_lengths_fit before a run is queued, with the positions read from the base model's config.json (the
+    embedded SmolLM2 when blank); the worker checks again on the loaded model."""
+    positions = base_model_positions(base_model, default="smollm2")
+    if positions is not None:
+        dpo_lengths_fit(hyperparameters, positions=positions)
+
+
 def trainer_precision(device: str) -> dict[str, Any]:
     """TrainingArguments precision flags: bf16 autocast on GPUs that support it, plain float32 on CPU."""
     import torch
@@ -237,13 +260,27 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     return list(encoded["input_ids"])
 
 
+def prompt_room(model: Any, *, max_new_tokens: int) -> int | None:
+    """How many prompt tokens fit before `max_new_tokens` generated ones within the model's positions (None: no
+    limit known). Refuses a max_new_tokens that leaves no room at all."""
+    positions = model_positions(model)
+    if positions is None:
+        return None
+    if max_new_tokens >= positions:
+        raise HyperparameterError("max_new_tokens", f"must be below the {positions} positions of the base model.")
+    return positions - max_new_tokens
+
+
 def generate_greedy_ids(
     model: Any, tokenizer: Any, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int = 8
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of each prompt's greedy completion, generated in left-padded batches; the
-    completion ends at the first end-of-sequence token (kept), so padding never counts as text."""
+    completion ends at the first end-of-sequence token (kept), so padding never counts as text. A prompt longer
+    than the model's positions leave room for (see prompt_room) is cut from the left, keeping the end it is
+    answered from: a GPT-2-style model fails with an index error past its positions."""
     import torch
 
+    room = prompt_room(model, max_new_tokens=max_new_tokens) if prompts else None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -252,6 +289,8 @@ def generate_greedy_ids(
     try:
         for start in range(0, len(prompts), batch_size):
             encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
+            if room is not None:
+                encoded = [ids[-room:] if len(ids) > room else ids for ids in encoded]
             # Left padding whatever the tokenizer's own side (a folder's tokenizer usually pads on the right).
             batch = tokenizer.pad([{"input_ids": ids} for ids in encoded], padding=True, padding_side="left",
                                   return_tensors="pt")
@@ -458,6 +497,10 @@ def train_dpo(
     torch.manual_seed(hp["seed"])
 
     model, tokenizer = load_policy(base_model, device)
+    positions = model_positions(model)
+    if positions is not None:
+        # Checked at submission from the config; again here on the model as loaded (the folder may have changed).
+        dpo_lengths_fit(hp, positions=positions)
     conversational = any(is_conversational(example.prompt) for example in [*train, *eval])
     if conversational and not tokenizer.chat_template:
         raise ValueError("The base model's tokenizer has no chat template, so conversational prompts cannot be used.")
@@ -498,6 +541,7 @@ def train_dpo(
     shortened = count_shortened(trainer.train_dataset, hp["max_length"])
 
     output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+    raise_if_cancelled(callbacks)
     metrics: dict[str, Any] = {"train_loss": output.training_loss, "train_runtime": output.metrics.get("train_runtime")}
     if trainer.eval_dataset is not None and eval_pairs:
         metrics.update(trainer.evaluate())

@@ -19,7 +19,9 @@ from rewards.training.common import (
     TrainingResult,
     check_save_steps,
     checkpoint_arguments,
+    config_positions,
     pick_device,
+    raise_if_cancelled,
 )
 from rewards.training.common import resolve_base_model as common_resolve_base_model
 from rewards.training.data import EncodedText, PreferenceExample, RewardEncoder, RewardFormat
@@ -191,11 +193,17 @@ def max_length_check(*, base_model: str | None, max_length: int) -> None:
         except FileNotFoundError:
             return
     try:
-        positions = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return
-    if isinstance(positions, int) and max_length > positions:
+    positions = config_positions(config) if isinstance(config, dict) else None
+    if positions is not None and max_length > positions:
         raise HyperparameterError("max_length", f"is larger than the {positions} positions of the base model.")
+
+
+def reward_length_check(*, base_model: str | None, hyperparameters: dict[str, Any]) -> None:
+    """max_length_check with the run's validated hyperparameters (the recipes' common submission check)."""
+    max_length_check(base_model=base_model, max_length=hyperparameters.get("max_length", 0))
 
 
 def _usable_positions(model: Any) -> int | None:
@@ -333,6 +341,7 @@ def train_reward_model(*, base_model: str | None = None, train: Sequence[Prefere
                 raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(train)} training pairs.")
             train_output = trainer.train(
                 resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+            raise_if_cancelled(callbacks)
             history = list(trainer.state.log_history)
             device = trainer.args.device.type
             trained = trainer.accelerator.unwrap_model(trainer.model)

@@ -11,8 +11,11 @@ from rewards.training.common import (
     DEFAULT_SAVE_STEPS,
     HyperparameterError,
     TrainingResult,
+    base_model_positions,
     check_save_steps,
+    model_positions,
     pick_device,
+    raise_if_cancelled,
 )
 from rewards.training.data import prompt_messages
 from rewards.training.dpo import (
@@ -24,6 +27,7 @@ from rewards.training.dpo import (
     load_policy,
     lora_config,
     plain_metrics,
+    prompt_ids,
     save_policy,
     score_responses,
     trained_policy,
@@ -102,6 +106,77 @@ def validate_rlhf_hyperparameters(hp: dict) -> dict:
             "each batch holds whole groups of completions of one prompt.",
         )
     return merged
+
+
+def rlhf_lengths_fit(hp: dict[str, Any], *, positions: int) -> None:
+    """Refuse a max_completion_length that does not fit the policy's `positions` with at least one prompt token
+    before it. GRPO generates max_completion_length tokens after each prompt: a GPT-2-style policy (learned
+    absolute positions) fails with an index error past its positions, and a rotary one (Llama, SmolLM2) would be
+    trained on text longer than it was built for; both are refused alike. Prompts that leave too little room are
+    shortened in the worker (see fit_prompt)."""
+    if hp["max_completion_length"] >= positions:
+        raise HyperparameterError("max_completion_length", f"must be below the {positions} positions of the base "
+                                                           "model (a completion follows at least one prompt token).")
+
+
+def rlhf_length_check(*, base_model: str | None, hyperparameters: dict[str, Any]) -> None:
+    """rlhf_lengths_fit before a run is queued, with the positions read from the base model's config.json (the
+    embedded SmolLM2 when blank); the worker checks again on the loaded model."""
+    positions = base_model_positions(base_model, default="smollm2")
+    if positions is not None:
+        rlhf_lengths_fit(hyperparameters, positions=positions)
+
+
+def _cut_from_left(text: str, *, fits: Any) -> str:
+    """The longest end of `text` for which `fits(end)` holds (token counts fall as the start moves right, so a
+    binary search on the start finds it), or "" when no end fits."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high) // 2
+        if fits(text[middle:]):
+            high = middle
+        else:
+            low = middle + 1
+    # Token counts are not strictly monotone in the cut (a word split differently): step on until it fits.
+    while low < len(text) and not fits(text[low:]):
+        low += 1
+    return text[low:]
+
+
+def fit_prompt(tokenizer: Any, prompt: Prompt, *, room: int) -> tuple[Prompt, bool]:
+    """The prompt shortened until its tokens (as TRL builds them: chat template with the generation prompt, or the
+    tokenizer's own call) are at most `room`, and whether it was. A conversation loses its oldest turns first (a
+    leading system message stays), then the start of its last turn, then its system message; a text loses its
+    start. The end of the prompt, which the completion answers, always survives."""
+
+    def fits(candidate: Prompt) -> bool:
+        return len(prompt_ids(tokenizer, candidate)) <= room
+
+    if fits(prompt):
+        return prompt, False
+    if isinstance(prompt, str):
+        cut = _cut_from_left(prompt, fits=fits)
+        if not cut:
+            raise HyperparameterError("max_completion_length", f"leaves {room} positions for the prompt, too few "
+                                                               "for any of its text.")
+        return cut, True
+    system = prompt[:1] if prompt and prompt[0].get("role") == "system" else []
+    turns = list(prompt[len(system):])
+    while len(turns) > 1 and not fits([*system, *turns]):
+        turns = turns[1:]
+        # A dialogue opens with the user, so an assistant turn left first goes too.
+        while len(turns) > 1 and turns[0].get("role") == "assistant":
+            turns = turns[1:]
+    if fits([*system, *turns]):
+        return [*system, *turns], True
+    last = turns[-1]
+    for head in (system, []):
+        content = _cut_from_left(str(last.get("content") or ""),
+                                 fits=lambda text, head=head: fits([*head, {**last, "content": text}]))
+        if content:
+            return [*head, {**last, "content": content}], True
+    raise HyperparameterError("max_completion_length", f"leaves {room} positions for the prompt, fewer than the chat "
+                                                       "template alone takes.")
 
 
 def completion_text(completion: str | list[dict]) -> str:
@@ -211,6 +286,18 @@ def train_rlhf(
     model, tokenizer = load_policy(base_model, device)
     if conversational and not tokenizer.chat_template:
         raise ValueError("The base model's tokenizer has no chat template, so conversational prompts cannot be used.")
+    shortened_prompts = 0
+    positions = model_positions(model)
+    if positions is not None:
+        # Checked at submission from the config; again here on the model as loaded (the folder may have changed).
+        rlhf_lengths_fit(hp, positions=positions)
+        # TRL does not cut GRPO prompts: each one is shortened until its completion fits the positions too.
+        room = positions - hp["max_completion_length"]
+        fitted_train = [fit_prompt(tokenizer, prompt, room=room) for prompt in train_prompts]
+        fitted_heldout = [fit_prompt(tokenizer, prompt, room=room) for prompt in heldout]
+        train_prompts = [prompt for prompt, _ in fitted_train]
+        heldout = [prompt for prompt, _ in fitted_heldout]
+        shortened_prompts = sum(cut for _, cut in [*fitted_train, *fitted_heldout])
 
     max_new = hp["max_completion_length"]
     base_generated = generate_greedy_ids(model, tokenizer, heldout, max_new_tokens=max_new)
@@ -228,6 +315,7 @@ def train_rlhf(
         peft_config=lora_config(hp),
     )
     output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+    raise_if_cancelled(callbacks)
     history = [dict(entry) for entry in trainer.state.log_history]
     metrics: dict[str, Any] = {
         "train_loss": output.training_loss,
@@ -279,6 +367,7 @@ def train_rlhf(
         eval_pairs=len(heldout),
         extra={
             "algorithm": "grpo",
+            "shortened_prompts": shortened_prompts,
             "device": device,
             "lora": bool(hp["lora_r"]),
             "conversational": conversational,

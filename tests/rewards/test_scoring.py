@@ -345,8 +345,10 @@ def test_evaluate_command_reads_trl_rows(tmp_path, capsys):
 
 def test_evaluate_command_errors(tmp_path):
     model = tiny_reward_model(tmp_path)
-    with pytest.raises(CommandError, match=r"no config\.json"):
+    with pytest.raises(CommandError, match=r"No folder at .*nope\.$"):
         call_command("evaluate_reward_model", str(tmp_path / "nope"), str(tmp_path / "x.jsonl"), "--format", "hh")
+    with pytest.raises(CommandError, match=r"no config\.json"):
+        call_command("evaluate_reward_model", str(tmp_path), str(tmp_path / "x.jsonl"), "--format", "hh")
     with pytest.raises(CommandError, match="does not exist"):
         call_command("evaluate_reward_model", str(model), str(tmp_path / "x.jsonl"), "--format", "hh")
     empty = Path(tmp_path / "bad.jsonl")

@@ -20,6 +20,8 @@ def resolve_model_folder(target: str) -> Path:
     from rewards.services import reward_model_folder_check
 
     path = Path(target)
+    if not path.exists():
+        raise CommandError(f"No folder at {target}.")
     if not (path / "config.json").exists():
         raise CommandError(f"{target} is not a reward model folder (no config.json).")
     try:
@@ -46,6 +48,25 @@ def resolve_reward_model(model_id: int, *, project_slug: str | None) -> RewardMo
         raise CommandError(f"The files of reward model {model_id} (version {model.version} of "
                            f"'{model.project.slug}') are gone: {model.artifact_path} has no config.json.")
     return model
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a --device torch cannot name or this machine does not have, before any model is loaded."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a device; use cpu or cuda (cuda:N for one GPU of several).")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: this machine has no CUDA GPU; use cpu.")
+    if kind == "cuda" and (index := torch.device(device).index) is not None \
+            and index >= torch.cuda.device_count():
+        raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    if kind not in ("cpu", "cuda"):
+        raise CommandError(f"--device {device}: use cpu or cuda.")
 
 
 class Command(BaseCommand):
@@ -82,17 +103,27 @@ class Command(BaseCommand):
             raise CommandError("--project checks a VERSION_ID; a PATH is evaluated as it is.")
         else:
             folder = resolve_model_folder(model)
+        check_device(device)
         data = Path(file)
-        if not data.is_file():
+        if not data.exists():
             raise CommandError(f"{file} does not exist.")
-        with data.open("rb") as stream:
-            examples, errors = read_preference_file(stream, file_format=format, limit=limit)
+        if not data.is_file():
+            raise CommandError(f"{file} is not a file.")
+        try:
+            with data.open("rb") as stream:
+                examples, errors = read_preference_file(stream, file_format=format, limit=limit)
+        except OSError as exc:
+            raise CommandError(f"{file} could not be read: {exc.strerror or exc}.")
         for error in errors[:MAX_ERRORS_SHOWN]:
             self.stderr.write(f"line {error['line']}: {error['error']}")
         if not examples:
             raise CommandError(f"No usable pairs in {file} ({len(errors)} bad lines).")
 
-        scorer = RewardScorer.load(folder, device=device)
+        try:
+            scorer = RewardScorer.load(folder, device=device)
+        except Exception as exc:  # a folder that passed the checks can still hold files transformers refuses
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise CommandError(f"The reward model in {folder} could not be loaded: {reason}")
         report = evaluate_preferences(scorer, examples, batch_size=batch_size)
         report.update({"model": str(folder), "file": str(data), "format": format, "bad_lines": len(errors),
                        "errors": errors[:MAX_ERRORS_SHOWN], "max_length": scorer.format.max_length,

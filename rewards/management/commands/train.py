@@ -57,8 +57,7 @@ class Command(BaseCommand):
                                      hyperparameters=hyperparameters, eval_fraction=options["eval_fraction"],
                                      seed=options["seed"], queue=not options["wait"])
         except DomainError as exc:
-            where = f" ({exc.field})" if exc.field else ""
-            raise CommandError(f"{exc.message}{where}")
+            raise CommandError(_one_line(exc))
         self.stderr.write(f"training run {run.pk}: {run.pair_count} pairs ({run.train_count} train, "
                           f"{run.eval_count} eval), dataset {run.dataset_hash[:12]}")
         interrupted = False
@@ -78,4 +77,19 @@ class Command(BaseCommand):
         if interrupted:
             raise CommandError(f"training run {run.pk} was interrupted; it is {run.status}.")
         if run.status == TrainingRun.Status.FAILED:
-            raise CommandError(f"training run {run.pk} failed: {run.error}")
+            raise CommandError(f"training run {run.pk} failed: {_flat(run.error)}")
+        if options["wait"] and run.status == TrainingRun.Status.CANCELLED:
+            # Cancelled from the API or the dashboard while it trained here: no model came of it.
+            raise CommandError(f"training run {run.pk} was cancelled; no model was registered.")
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split()) if text else "no reason recorded"
+
+
+def _one_line(exc: DomainError) -> str:
+    """A refusal as one line: a hyperparameter's message is a fragment that follows its name; any other names its
+    field after it."""
+    if exc.field and exc.field.startswith("hyperparameters."):
+        return f"{exc.field}: {exc.message}"
+    return f"{exc.message} ({exc.field})" if exc.field else exc.message
