@@ -27,17 +27,25 @@ class GenerateApi(APIView):
         n = serializers.IntegerField(required=False, default=4, min_value=1, max_value=MAX_CANDIDATES)
         temperature = serializers.FloatField(required=False, default=0.7, min_value=0.0,
                                              help_text=f"0 decodes greedily; otherwise at least {MIN_TEMPERATURE}.")
-        top_k = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0)
-        top_p = serializers.FloatField(required=False, allow_null=True, default=None, min_value=0.0, max_value=1.0)
+        top_k = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=0,
+                                         help_text="Sample from the k likeliest tokens; unset: 50; 0: every token.")
+        top_p = serializers.FloatField(required=False, allow_null=True, default=None, min_value=0.0, max_value=1.0,
+                                       help_text="Nucleus sampling; unset: 1 (every token).")
         max_new_tokens = serializers.IntegerField(required=False, default=128, min_value=1, max_value=MAX_NEW_TOKENS)
         seed = serializers.IntegerField(
             required=False, allow_null=True, default=None, min_value=0, max_value=2**63 - 1,
             help_text="The seed of sampling. Without one, the seed is derived from the request (prompt, policy and "
                       "every sampling setting), so the same request gives the same candidates; send seeds of your "
-                      "own for other samples.")
+                      "own for other samples. Equivalent requests derive one seed: a prompt string and the one user "
+                      "message it stands for (message keys other than role and content are ignored); top_k unset "
+                      "and 50; top_k 0 and any top_k of at least the policy's vocabulary (every token); top_p unset, "
+                      "1 and 1.0; temperature 1 and 1.0; stop unset, null and []; stop strings in any order or "
+                      "repeated, and one that begins with another stop string left out. Greedy decoding "
+                      "(temperature 0) ignores seed, top_k and top_p.")
         stop = serializers.ListField(child=serializers.CharField(trim_whitespace=False), required=False,
                                      allow_null=True, default=None, max_length=8,
-                                     help_text="Each candidate is cut before the first of these strings.")
+                                     help_text="Each candidate is cut before the first of these strings to "
+                                               "occur in it.")
         policy = serializers.JSONField(required=False, default=DEFAULT_POLICY,
                                        help_text='"default" (embedded SmolLM2), or the id of a policy version.')
         rerank = serializers.BooleanField(required=False, default=True)

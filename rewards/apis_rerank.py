@@ -118,7 +118,9 @@ class RerankApi(APIView):
                                            help_text="The responses to rank (1 to RERANK_MAX_CANDIDATES).")
         model = serializers.JSONField(required=False, default="deployed",
                                       help_text='"deployed", or the id of a reward model version of the project.')
-        top_k = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1)
+        top_k = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1,
+                                         help_text="Return only the k best results (the beginning of the whole "
+                                                   "ranking, which is what is cached).")
         constraints = serializers.JSONField(required=False, allow_null=True, default=None,
                                             help_text="max_chars, min_chars, regex, json, json_schema.")
 
@@ -136,9 +138,15 @@ class RerankApi(APIView):
             reasons = serializers.ListField(child=serializers.CharField())
 
         model = ModelOutput()
-        results = ResultOutput(many=True)
+        results = ResultOutput(
+            many=True,
+            help_text="Best first: candidates that pass the constraints by score, then failing ones by score; equal "
+                      "scores (5 decimals) in request order, the lower index first. A candidate's score depends "
+                      "only on the model version, the prompt and the request's distinct candidates, so the same "
+                      "request gives the same results whether it is cached or not, scored while other requests are "
+                      "or not, and with its candidates in another order or repeated.")
         best_index = serializers.IntegerField()
-        cached = serializers.BooleanField()
+        cached = serializers.BooleanField(help_text="Answered from the cache; the body is the same either way.")
         timing_ms = serializers.FloatField()
 
     # Set once the request names a project it may rerank in; a refusal before that counts against the key's own.

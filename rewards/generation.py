@@ -24,6 +24,9 @@ MAX_NEW_TOKENS = 512
 # Below this (but above 0, greedy) the logits divided by the temperature overflow to inf and sampling fails.
 MIN_TEMPERATURE = 0.01
 MAX_STOP_STRINGS = 8
+# What sampling uses for a top_k or top_p the request leaves unset: the 50 most likely tokens, and every token.
+DEFAULT_TOP_K = 50
+DEFAULT_TOP_P = 1.0
 
 # torch's global RNG drives sampling; generation runs one at a time per process so a seeded request is not
 # disturbed by another request drawing from the same generator halfway through.
@@ -193,14 +196,58 @@ def _prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
+def stop_canonical(stop: list[str] | None) -> list[str] | None:
+    """The stop strings that can decide a cut, sorted; None for none. `cut_at_stop` cuts at the earliest
+    occurrence of any of them, so their order and repeats do not matter, and a string that begins with another stop
+    string never cuts first (wherever it occurs, the shorter one occurs too); one that merely contains another can
+    ("xab" and "ab" cut "zxab" at 1, "ab" alone at 2), so it stays."""
+    unique = sorted(set(stop or ()))
+    kept = [s for s in unique if not any(other != s and s.startswith(other) for other in unique)]
+    return kept or None
+
+
+def sampling_canonical(*, temperature: float, top_k: int | None, top_p: float | None, stop: list[str] | None,
+                       vocabulary: int | None) -> tuple[float, int | None, float | None, list[str] | None]:
+    """(temperature, top_k, top_p, stop) spelled one way for every request that samples and cuts the same
+    candidates: a whole-number temperature is its float; a top_k that keeps as many tokens as the default 50 is
+    unset, and one that keeps every token (0, or at least the policy's `vocabulary`) is 0; top_p 1 is unset; stop
+    strings as `stop_canonical`. A default is spelled unset so that a request that leaves its settings unset keeps
+    the seed it was given before these rules."""
+
+    def keeps(value: int) -> int:  # 0 for every token
+        return 0 if value == 0 or (vocabulary is not None and value >= vocabulary) else value
+
+    effective = keeps(DEFAULT_TOP_K if top_k is None else top_k)
+    top_k = None if effective == keeps(DEFAULT_TOP_K) else effective
+    canonical_top_p = None if top_p is None or float(top_p) >= DEFAULT_TOP_P else float(top_p)
+    return float(temperature), top_k, canonical_top_p, stop_canonical(stop)
+
+
 def request_seed(*, policy_key: str, messages: Messages, n: int, temperature: float, top_k: int | None,
-                 top_p: float | None, max_new_tokens: int, stop: list[str] | None) -> int:
+                 top_p: float | None, max_new_tokens: int, stop: list[str] | None,
+                 vocabulary: int | None = None) -> int:
     """The seed of a sampling request that names none: a hash of everything that shapes its candidates, so the same
     request to the same policy version gives the same candidates (and, through the rerank cache, the same answer),
-    and a client that wants other samples sends a seed of its own."""
+    and a client that wants other samples sends a seed of its own.
+
+    Equivalent requests share it: the prompt is hashed as its chat messages (`prompt_messages`: a string is the
+    one user message it stands for, and keys other than role and content are left out) and the settings as
+    `sampling_canonical` spells them (`vocabulary`: the width of the policy's logits). Nothing else is merged:
+    requests that could sample or cut differently get different seeds."""
+    temperature, top_k, top_p, stop = sampling_canonical(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                         stop=stop, vocabulary=vocabulary)
     shape = json.dumps([policy_key, messages, n, temperature, top_k, top_p, max_new_tokens, stop],
                        ensure_ascii=False, separators=(",", ":"))
     return int.from_bytes(hashlib.sha256(shape.encode()).digest()[:8], "big") >> 1
+
+
+def policy_vocabulary(loaded: LoadedPolicy) -> int | None:
+    """The number of tokens sampling chooses from (the width of the policy's logits), when the model says."""
+    head = loaded.model.get_output_embeddings() if hasattr(loaded.model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[0])
+    return getattr(loaded.model.config, "vocab_size", None)
 
 
 def sample_candidates(loaded: LoadedPolicy, *, messages: Messages, n: int, temperature: float, top_k: int | None,
@@ -223,8 +270,9 @@ def sample_candidates(loaded: LoadedPolicy, *, messages: Messages, n: int, tempe
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
                                "eos_token_id": model.generation_config.eos_token_id or tokenizer.eos_token_id}
     if temperature > 0:
-        options.update(do_sample=True, temperature=float(temperature), top_k=top_k if top_k is not None else 50,
-                       top_p=float(top_p) if top_p is not None else 1.0)
+        options.update(do_sample=True, temperature=float(temperature),
+                       top_k=top_k if top_k is not None else DEFAULT_TOP_K,
+                       top_p=float(top_p) if top_p is not None else DEFAULT_TOP_P)
     else:
         options.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     with _generate_lock, torch.inference_mode():
@@ -248,7 +296,8 @@ def generate(*, project: Any, prompt: str | Messages, n: int = 4, temperature: f
     """Sample `n` candidates from a policy and, with `rerank`, rank them with the project's deployed reward model
     through the same path as /rerank/ (cache, constraints order, sampling into the labeling queue).
 
-    Sampling without a seed uses `request_seed`: the same request gives the same candidates.
+    Sampling without a seed uses `request_seed`: the same request, or an equivalent one (see there), gives the same
+    candidates. Greedy decoding (temperature 0) uses no seed and ignores top_k, top_p and seed.
 
     Returns {"policy", "candidates": [{"index", "text", "score"?, "rank"?}], "best_index"?, "tokens_generated",
     "seed"} (the seed sampled with, null for greedy decoding).
@@ -271,7 +320,8 @@ def generate(*, project: Any, prompt: str | Messages, n: int = 4, temperature: f
         raise ServiceUnavailable(f"The policy could not be loaded: {exc}", field="policy") from exc
     if temperature > 0 and seed is None:
         seed = request_seed(policy_key=key, messages=messages, n=n, temperature=temperature, top_k=top_k,
-                            top_p=top_p, max_new_tokens=max_new_tokens, stop=stop)
+                            top_p=top_p, max_new_tokens=max_new_tokens, stop=stop,
+                            vocabulary=policy_vocabulary(loaded))
     texts, tokens = sample_candidates(loaded, messages=messages, n=n, temperature=temperature, top_k=top_k,
                                       top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, stop=stop)
     body: dict[str, Any] = {"policy": description, "tokens_generated": tokens,

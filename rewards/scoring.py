@@ -129,8 +129,12 @@ class RewardScorer:
         The sequences are scored in length order, in the forward batches `forward_batches_plan` picks (at most
         `batch_size` each), so a batch pads only to the longest of neighbours of similar length.
         `overhead_tokens` overrides the device's cost of a forward pass (a huge value gives the fewest batches).
-        A sequence given more than once is scored once: float32 logits move in their last bits with the shape of
-        the batch a sequence lands in, and two copies landing in different batches would compare as unequal.
+
+        Float32 logits move in their last bits with the shape of the batch a sequence lands in (its batchmates,
+        its row, the padded width), so the batches are a function of the set of distinct sequences alone: a
+        sequence given more than once is scored once (two copies in different batches would compare as unequal),
+        and sequences of one length are ordered by their ids, not by where they were given. The same sequences in
+        any order, with any repeats, get the same scores bit for bit (for one `batch_size`, overhead and device).
         """
         import torch
 
@@ -148,7 +152,8 @@ class RewardScorer:
         if len(unique) < len(sequences):
             scores = self.score_ids(unique, batch_size=batch_size, overhead_tokens=overhead_tokens)
             return [scores[slot[tuple(ids)]] for ids in sequences]
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        # Ids break ties between equal lengths: the distinct sequences' order decides the batches, never the caller's.
+        order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), tuple(sequences[i])))
         lengths = [len(sequences[i]) for i in order]
         if overhead_tokens is None:
             overhead_tokens = self.forward_overhead_tokens
@@ -216,17 +221,23 @@ def _pair_credit(margin: float) -> float:
 
 # --- best-of-N reranking --------------------------------------------------------------------------------
 
-# Scores are rounded before ranking and caching: a candidate batched with other requests' candidates runs
-# through differently shaped matrix products, which moves float32 logits in their last bits; rounding keeps
-# the same request's body identical whichever requests it shared a forward pass with.
+# Scores are rounded before ranking and caching, to digits a reward model's ranking can mean. Rounding alone does
+# not make an answer reproducible: float32 logits move in their last bits with the shape of the forward batch a
+# candidate lands in, and a score that close to a rounding boundary rounds either way. What does is that a request's
+# candidates are scored only beside each other, in batches that depend on nothing but their distinct texts
+# (RewardScorer.score_ids, rewards.serving.MicroBatcher).
 SCORE_DECIMALS = 5
-RERANK_CACHE_PREFIX = "preflab:rerank:v1"
+# v2: the canonical prompt and constraints are keyed, top_k is not (the whole ranking is kept and cut on the way
+# out), and scores come from request-scoped batches; v1 answers were scored beside other requests' candidates.
+RERANK_CACHE_PREFIX = "preflab:rerank:v2"
 RERANK_PAIR_SOURCE = "rerank"
 _sample_rng = random.Random()
 
 
 def rerank_order(scores: Sequence[float], reasons: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
-    """Every candidate, best first: passing ones by score, then failing ones by score; ties by index."""
+    """Every candidate, best first: passing ones by score, then failing ones by score. Equal (rounded) scores keep
+    the request's order, the lower index first: a candidate given twice scores the same both times, and the copy
+    given first ranks first."""
     passing = sorted((i for i in range(len(scores)) if not reasons[i]), key=lambda i: (-scores[i], i))
     failing = sorted((i for i in range(len(scores)) if reasons[i]), key=lambda i: (-scores[i], i))
     return [{"index": index, "score": scores[index], "rank": rank, "passed": not reasons[index],
@@ -234,19 +245,40 @@ def rerank_order(scores: Sequence[float], reasons: Sequence[Sequence[str]]) -> l
             for rank, index in enumerate(passing + failing, start=1)]
 
 
-def rerank_cache_key(*, reward_model: Any, prompt: str | Messages, candidates: Sequence[str],
-                     constraints: dict | None, top_k: int | None) -> str:
-    """The cache key of a request: the model version and a SHA-256 of the canonical JSON of its inputs.
+def _constraints_canonical(constraints: dict | None) -> dict:
+    """Validated constraints without the entries that check nothing: a null value, `json: false`, and `json: true`
+    beside a `json_schema` (the schema parses the candidate as JSON anyway, with the same reason when it fails)."""
+    canonical = {name: value for name, value in (constraints or {}).items() if value is not None}
+    if canonical.get("json") is False or "json_schema" in canonical:
+        canonical.pop("json", None)
+    return canonical
 
-    The version is named by its id and the moment it was registered: the cache (Redis, or var/cache) can outlive
-    the database, and a version registered after a reset may get an id the cache already holds answers for."""
+
+def rerank_cache_key(*, reward_model: Any, prompt: str | Messages, candidates: Sequence[str],
+                     constraints: dict | None) -> str:
+    """The cache key of a request: the model version and a SHA-256 of the canonical JSON of what shapes its answer.
+
+    That is the prompt as the model reads it (`prompt_key`: a string and the one user message it stands for are
+    one prompt, and keys other than role and content are left out), the candidates in their order (the answer names
+    them by index, and equal scores keep that order) and the constraints that check something. top_k is left out:
+    the whole ranking is cached, and top_k cuts it. The version is named by its id and the moment it was
+    registered: the cache (Redis, or var/cache) can outlive the database, and a version registered after a reset may
+    get an id the cache already holds answers for."""
     import hashlib
 
-    canonical = json.dumps({"prompt": prompt, "candidates": list(candidates), "constraints": constraints or {},
-                            "top_k": top_k}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    from rewards.training.data import prompt_key
+
+    canonical = json.dumps({"prompt": prompt_key(prompt), "candidates": list(candidates),
+                            "constraints": _constraints_canonical(constraints)},
+                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
     registered = reward_model.created_at.timestamp() if reward_model.created_at else ""
     return f"{RERANK_CACHE_PREFIX}:{reward_model.pk}:{registered}:{digest}"
+
+
+def _top(body: dict[str, Any], top_k: int | None) -> dict[str, Any]:
+    """The answer to a request with `top_k`: the cached whole ranking, cut."""
+    return body if top_k is None else {**body, "results": body["results"][:top_k]}
 
 
 def _rerank_setting(name: str, default: Any) -> Any:
@@ -356,8 +388,11 @@ def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model
     """Best-of-N: score every candidate with the project's reward model, apply the hard constraints and rank.
 
     Returns {"model", "results", "best_index", "cached"}. Candidates failing a constraint are still scored but
-    come after every passing one, so `best_index` is a failing candidate only when none passes. The body is
-    cached per model version and inputs; a hit does no model work.
+    come after every passing one, so `best_index` is a failing candidate only when none passes; equal scores keep
+    the request's order (`rerank_order`). The same request gives the same body, bit for bit, however it is served:
+    the candidates are scored beside each other only, in batches their distinct texts decide (never beside another
+    request's, nor in an order the request chose), and the whole ranking is cached per model version and canonical
+    inputs (`rerank_cache_key`); a hit does no model work.
     """
     from labeling.errors import DomainError, ServiceUnavailable
     from rewards.constraints import constraints_parse
@@ -366,12 +401,11 @@ def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model
     _rerank_validate(prompt=prompt, candidates=candidates, top_k=top_k)
     parsed = constraints_parse(constraints)
     reward_model = rerank_model_resolve(project=project, model=model)
-    key = rerank_cache_key(reward_model=reward_model, prompt=prompt, candidates=candidates,
-                           constraints=constraints, top_k=top_k)
+    key = rerank_cache_key(reward_model=reward_model, prompt=prompt, candidates=candidates, constraints=constraints)
     hit = _cache_get(key)
     if hit is not None:
         _count_cache("hit")
-        return {**hit, "cached": True}
+        return {**_top(hit, top_k), "cached": True}
     _count_cache("miss")
 
     # Another request may evict the model from the pool between taking it and scoring with it (more versions in
@@ -401,12 +435,12 @@ def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model
     results = rerank_order(scores, reasons)
     body = {
         "model": {"id": reward_model.pk, "version": reward_model.version, "base_model": reward_model.base_model},
-        "results": results[:top_k] if top_k is not None else results,
+        "results": results,
         "best_index": results[0]["index"],
     }
     _cache_set(key, body)
     rerank_sample_into_queue(project=project, prompt=prompt, candidates=candidates, results=results)
-    return {**body, "cached": False}
+    return {**_top(body, top_k), "cached": False}
 
 
 def rerank_sample_into_queue(*, project: Any, prompt: str | Messages, candidates: Sequence[str],

@@ -1,4 +1,4 @@
-"""Process-wide serving of reward models: a warm LRU of loaded scorers and a micro-batcher per model."""
+"""Process-wide serving of reward models: a warm LRU of loaded scorers and a request queue per model."""
 from __future__ import annotations
 
 import logging
@@ -67,13 +67,16 @@ class _Pending:
 
 
 class MicroBatcher:
-    """Collects the encoded candidates of concurrent requests for one model and scores them together.
+    """Queues the encoded candidates of concurrent requests for one model and scores them on one thread.
 
-    The first request to arrive opens a window of `window_ms`; requests arriving within it (up to
-    `max_items` candidates in all) join the same pass. The scorer sorts the pass's candidates by length and runs
-    them in forward batches of at most `forward_batch` of similar length, as offline scoring does. Each caller
-    gets back exactly its own scores, in its own order. One daemon thread per model does the forward passes, so
-    torch runs one batch at a time per model instead of one per request thread.
+    The first request to arrive opens a window of `window_ms`; requests arriving within it (up to `max_items`
+    candidates in all) are gathered. Each distinct request is then scored on its own, its candidates in forward
+    batches of at most `forward_batch` of similar length, as offline scoring does, and never beside another
+    request's: float32 logits move in their last bits with the shape of the batch a candidate lands in, so a
+    request scored beside whatever else had arrived would answer differently under other traffic. Requests with the
+    same distinct candidates (in any order, with any repeats) gathered together are scored once. Each caller gets
+    back exactly its own scores, in its own order. One daemon thread per model does the forward passes, so torch
+    runs one batch at a time per model instead of one per request thread.
     """
 
     def __init__(self, score_ids: Callable[..., list[float]], *, window_ms: float, max_items: int,
@@ -85,7 +88,7 @@ class MicroBatcher:
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._stopped = False
-        # (requests, candidates) of recent forward passes, for tests and debugging.
+        # (requests, candidates) of recent gatherings, for tests and debugging.
         self.passes: deque[tuple[int, int]] = deque(maxlen=256)
         self._thread = threading.Thread(target=self._run, name=f"rerank-batcher-{name}", daemon=True)
         self._thread.start()
@@ -139,23 +142,31 @@ class MicroBatcher:
             batch = self._collect()
             if batch is None:
                 return
-            flat = [ids for pending in batch for ids in pending.sequences]
-            try:
-                # The scorer sorts the whole pass by length and batches neighbours of similar length.
-                scores = self._score_ids(flat, batch_size=self.forward_batch)
-            except BaseException as exc:  # handed to every waiting caller, who re-raises it
-                logger.exception("reranking forward pass failed")
-                for pending in batch:
-                    pending.error = exc
-                    pending.done.set()
-                continue
-            self.passes.append((len(batch), len(flat)))
-            RERANK_BATCH_SIZE.observe(len(flat))
-            start = 0
+            self.passes.append((len(batch), sum(len(pending.sequences) for pending in batch)))
+            requests: dict[frozenset[tuple[int, ...]], list[_Pending]] = {}
             for pending in batch:
-                pending.scores = scores[start:start + len(pending.sequences)]
-                start += len(pending.sequences)
+                requests.setdefault(frozenset(tuple(ids) for ids in pending.sequences), []).append(pending)
+            for callers in requests.values():
+                self._score_request(callers)
+
+    def _score_request(self, callers: list[_Pending]) -> None:
+        """Scores the distinct candidates of one request (sent by every caller in `callers`) in one call."""
+        unique = list(dict.fromkeys(tuple(ids) for ids in callers[0].sequences))
+        try:
+            # The scorer sorts the request's candidates by length and batches neighbours of similar length; which
+            # batches they form depends on the distinct candidates only, not on their order.
+            scores = self._score_ids([list(ids) for ids in unique], batch_size=self.forward_batch)
+        except BaseException as exc:  # handed to every waiting caller, who re-raises it
+            logger.exception("reranking forward pass failed")
+            for pending in callers:
+                pending.error = exc
                 pending.done.set()
+            return
+        RERANK_BATCH_SIZE.observe(len(unique))
+        by_ids = dict(zip(unique, scores, strict=True))
+        for pending in callers:
+            pending.scores = [by_ids[tuple(ids)] for ids in pending.sequences]
+            pending.done.set()
 
 
 # --- the warm pool ---------------------------------------------------------------------------------------
@@ -241,7 +252,7 @@ class ModelPool:
         MODEL_LOAD_SECONDS.labels(kind="reward_model").observe(seconds)
         self.loads += 1
         logger.info("loaded reward model %s from %s in %.2f s", reward_model_id, artifact_path, seconds)
-        batcher = MicroBatcher(scorer.score_ids, window_ms=float(_setting("RERANK_BATCH_WINDOW_MS", 5)),
+        batcher = MicroBatcher(scorer.score_ids, window_ms=float(_setting("RERANK_BATCH_WINDOW_MS", 0)),
                                max_items=int(_setting("RERANK_MAX_BATCH", 256)),
                                forward_batch=int(_setting("RERANK_FORWARD_BATCH", 16)), name=str(reward_model_id))
         return ServedModel(reward_model_id=reward_model_id, artifact_path=artifact_path, scorer=scorer,

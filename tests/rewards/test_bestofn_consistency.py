@@ -138,7 +138,7 @@ def test_a_rerank_answer_is_the_same_from_the_cache_without_it_after_a_reload_an
     cache.clear()
     reloaded = _rerank(key_client, project).json()
     assert reloaded["cached"] is False and _stable(reloaded) == _stable(first)
-    # Scored in one forward pass with other requests' candidates of other lengths.
+    # Gathered with other requests' candidates of other lengths (each request is scored on its own).
     settings.PREFLAB = {**settings.PREFLAB, "RERANK_BATCH_WINDOW_MS": 300}
     serving.pool.clear()
     served = serving.pool.get(reward_model_id=deployed.pk, artifact_path=deployed.artifact_path,

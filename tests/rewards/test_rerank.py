@@ -150,8 +150,9 @@ def test_the_same_request_gives_the_same_body_and_a_cache_hit_does_no_model_work
     third = _post(rerank_client, project).json()
     assert third["cached"] is False and len(forward_passes) == 2
     assert _stable(third) == _stable(first)
-    # Other inputs are another cache entry.
-    assert _post(rerank_client, project, top_k=1).json()["cached"] is False
+    # Other inputs are another cache entry; top_k only cuts the cached answer.
+    assert _post(rerank_client, project, constraints={"max_chars": 500}).json()["cached"] is False
+    assert _post(rerank_client, project, top_k=1).json()["cached"] is True
 
 
 @pytest.mark.django_db
@@ -431,7 +432,7 @@ def test_the_pool_loads_once_and_evicts_the_least_recently_used(settings, model_
     assert serving.pool.get(reward_model_id=1, artifact_path=str(model_dirs[0])) is first
 
 
-def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_scores(settings, model_dirs):
+def test_concurrent_requests_are_gathered_and_each_gets_its_own_scores(settings, model_dirs):
     settings.PREFLAB = {**settings.PREFLAB, "RERANK_BATCH_WINDOW_MS": 300, "RERANK_MAX_BATCH": 64}
     served = serving.pool.get(reward_model_id=1, artifact_path=str(model_dirs[0]))
     scorer = RewardScorer.load(model_dirs[0])
@@ -537,7 +538,7 @@ def test_client_errors_are_counted_as_rejected_and_server_errors_as_errors(proje
         raise OSError("the files are gone")
 
     monkeypatch.setattr(serving.pool, "get", unloadable)
-    assert _post(rerank_client, project, top_k=1).status_code == 503
+    assert _post(rerank_client, project, constraints={"max_chars": 500}).status_code == 503
 
     usage = rerank_usage(project=project)
     assert (usage["requests"], usage["answered"], usage["rejected"], usage["errors"]) == (4, 1, 2, 1)

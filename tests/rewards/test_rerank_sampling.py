@@ -115,7 +115,7 @@ def test_rerank_traffic_feeds_the_queue_once_per_pair(rm_dir):
     # The same request is a cache hit: no model work, no new pair.
     assert client.post(URL, body, format="json").json()["cached"] is True
     # Another request (not cached) whose best two are the same pair: deduplicated, and the rerank still succeeds.
-    other = client.post(URL, {**body, "top_k": 1}, format="json")
+    other = client.post(URL, {**body, "constraints": {"max_chars": 500}}, format="json")
     assert other.status_code == 200 and other.json()["cached"] is False
     assert Pair.objects.filter(project=project).count() == 1
 
