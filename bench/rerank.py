@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=8, help="gunicorn threads (one worker process).")
     parser.add_argument("--torch-threads", type=int, default=_cores(),
                         help="Torch threads of the server and of the raw baseline (default: every core).")
-    parser.add_argument("--batch-window-ms", type=float, default=0.0,
+    parser.add_argument("--batch-window-ms", type=float, default=5.0,
                         help="PREFLAB_RERANK_BATCH_WINDOW_MS of the server (its default).")
     parser.add_argument("--forward-batch", type=int, default=16, help="Sequences per forward pass, both sides.")
     parser.add_argument("--generate-n", default="1,4", help="Candidates per /generate/ request (comma-separated).")

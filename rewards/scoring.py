@@ -223,12 +223,13 @@ def _pair_credit(margin: float) -> float:
 
 # Scores are rounded before ranking and caching, to digits a reward model's ranking can mean. Rounding alone does
 # not make an answer reproducible: float32 logits move in their last bits with the shape of the forward batch a
-# candidate lands in, and a score that close to a rounding boundary rounds either way. What does is that a request's
-# candidates are scored only beside each other, in batches that depend on nothing but their distinct texts
-# (RewardScorer.score_ids, rewards.serving.MicroBatcher).
+# candidate lands in, and a score that close to a rounding boundary rounds either way. What does is that batches
+# depend on nothing but the distinct texts scored together (RewardScorer.score_ids), that the first answer is
+# cached, and, with RERANK_BATCH_ACROSS_REQUESTS off, that a request is scored beside its own candidates only
+# (rewards.serving.MicroBatcher).
 SCORE_DECIMALS = 5
 # v2: the canonical prompt and constraints are keyed, top_k is not (the whole ranking is kept and cut on the way
-# out), and scores come from request-scoped batches; v1 answers were scored beside other requests' candidates.
+# out), and a request's scores no longer depend on the order of its candidates.
 RERANK_CACHE_PREFIX = "preflab:rerank:v2"
 RERANK_PAIR_SOURCE = "rerank"
 _sample_rng = random.Random()
@@ -389,10 +390,10 @@ def rerank(*, project: Any, prompt: str | Messages, candidates: list[str], model
 
     Returns {"model", "results", "best_index", "cached"}. Candidates failing a constraint are still scored but
     come after every passing one, so `best_index` is a failing candidate only when none passes; equal scores keep
-    the request's order (`rerank_order`). The same request gives the same body, bit for bit, however it is served:
-    the candidates are scored beside each other only, in batches their distinct texts decide (never beside another
-    request's, nor in an order the request chose), and the whole ranking is cached per model version and canonical
-    inputs (`rerank_cache_key`); a hit does no model work.
+    the request's order (`rerank_order`). The same request gives the same body: the candidates are scored in
+    batches their distinct texts decide (never in an order the request chose; beside other requests' only with
+    RERANK_BATCH_ACROSS_REQUESTS, see rewards.serving.MicroBatcher), and the whole ranking is cached per model
+    version and canonical inputs (`rerank_cache_key`); a hit does no model work.
     """
     from labeling.errors import DomainError, ServiceUnavailable
     from rewards.constraints import constraints_parse

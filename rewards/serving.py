@@ -70,18 +70,22 @@ class MicroBatcher:
     """Queues the encoded candidates of concurrent requests for one model and scores them on one thread.
 
     The first request to arrive opens a window of `window_ms`; requests arriving within it (up to `max_items`
-    candidates in all) are gathered. Each distinct request is then scored on its own, its candidates in forward
-    batches of at most `forward_batch` of similar length, as offline scoring does, and never beside another
-    request's: float32 logits move in their last bits with the shape of the batch a candidate lands in, so a
-    request scored beside whatever else had arrived would answer differently under other traffic. Requests with the
-    same distinct candidates (in any order, with any repeats) gathered together are scored once. Each caller gets
-    back exactly its own scores, in its own order. One daemon thread per model does the forward passes, so torch
-    runs one batch at a time per model instead of one per request thread.
+    candidates in all) are gathered, and their distinct candidates scored in forward batches of at most
+    `forward_batch` of similar length, as offline scoring does. With `across_requests` (the default) the candidates
+    of all gathered requests share those batches: the throughput of offline batching under concurrent load, but
+    float32 logits move in their last bits with the shape of the batch a candidate lands in, so a score can differ
+    in its last bits with the traffic it was scored beside (the rerank cache, and rounding, keep the answer to a
+    repeated request the same). Without it, each distinct request is scored on its own, never beside another's:
+    the same candidates get the same scores bit for bit whatever else arrives, at the cost of smaller batches.
+    Requests with the same distinct candidates (in any order, with any repeats) are scored once either way. Each
+    caller gets back exactly its own scores, in its own order. One daemon thread per model does the forward passes,
+    so torch runs one batch at a time per model instead of one per request thread.
     """
 
     def __init__(self, score_ids: Callable[..., list[float]], *, window_ms: float, max_items: int,
-                 forward_batch: int | None = None, name: str = "") -> None:
+                 forward_batch: int | None = None, name: str = "", across_requests: bool = True) -> None:
         self._score_ids = score_ids
+        self.across_requests = across_requests
         self.window = max(window_ms, 0.0) / 1000.0
         self.max_items = max(int(max_items), 1)
         self.forward_batch = max(int(forward_batch or self.max_items), 1)
@@ -143,18 +147,21 @@ class MicroBatcher:
             if batch is None:
                 return
             self.passes.append((len(batch), sum(len(pending.sequences) for pending in batch)))
+            if self.across_requests:
+                self._score_together(batch)
+                continue
             requests: dict[frozenset[tuple[int, ...]], list[_Pending]] = {}
             for pending in batch:
                 requests.setdefault(frozenset(tuple(ids) for ids in pending.sequences), []).append(pending)
             for callers in requests.values():
-                self._score_request(callers)
+                self._score_together(callers)
 
-    def _score_request(self, callers: list[_Pending]) -> None:
-        """Scores the distinct candidates of one request (sent by every caller in `callers`) in one call."""
-        unique = list(dict.fromkeys(tuple(ids) for ids in callers[0].sequences))
+    def _score_together(self, callers: list[_Pending]) -> None:
+        """Scores the distinct candidates of every caller in `callers` in one call."""
+        unique = list(dict.fromkeys(tuple(ids) for pending in callers for ids in pending.sequences))
         try:
-            # The scorer sorts the request's candidates by length and batches neighbours of similar length; which
-            # batches they form depends on the distinct candidates only, not on their order.
+            # The scorer sorts the candidates by length and batches neighbours of similar length; which batches
+            # they form depends on the distinct candidates only, not on their order.
             scores = self._score_ids([list(ids) for ids in unique], batch_size=self.forward_batch)
         except BaseException as exc:  # handed to every waiting caller, who re-raises it
             logger.exception("reranking forward pass failed")
@@ -252,9 +259,10 @@ class ModelPool:
         MODEL_LOAD_SECONDS.labels(kind="reward_model").observe(seconds)
         self.loads += 1
         logger.info("loaded reward model %s from %s in %.2f s", reward_model_id, artifact_path, seconds)
-        batcher = MicroBatcher(scorer.score_ids, window_ms=float(_setting("RERANK_BATCH_WINDOW_MS", 0)),
+        batcher = MicroBatcher(scorer.score_ids, window_ms=float(_setting("RERANK_BATCH_WINDOW_MS", 5)),
                                max_items=int(_setting("RERANK_MAX_BATCH", 256)),
-                               forward_batch=int(_setting("RERANK_FORWARD_BATCH", 16)), name=str(reward_model_id))
+                               forward_batch=int(_setting("RERANK_FORWARD_BATCH", 16)), name=str(reward_model_id),
+                               across_requests=bool(_setting("RERANK_BATCH_ACROSS_REQUESTS", True)))
         return ServedModel(reward_model_id=reward_model_id, artifact_path=artifact_path, scorer=scorer,
                            batcher=batcher)
 

@@ -330,9 +330,10 @@ PREFLAB = {
     "RERANK_MODEL_CACHE_SIZE": env_int("PREFLAB_RERANK_MODEL_CACHE_SIZE", 2, minimum=1),
     # Policies kept loaded for /generate/ per process.
     "GENERATE_MODEL_CACHE_SIZE": env_int("PREFLAB_GENERATE_MODEL_CACHE_SIZE", 2, minimum=1),
-    # Requests are scored one by one (never beside each other: see rewards/serving.MicroBatcher), so waiting only
-    # helps identical requests arriving together; those already queued behind a busy model are gathered anyway.
-    "RERANK_BATCH_WINDOW_MS": env_float("PREFLAB_RERANK_BATCH_WINDOW_MS", 0.0),
+    "RERANK_BATCH_WINDOW_MS": env_float("PREFLAB_RERANK_BATCH_WINDOW_MS", 5.0),
+    # Off: each request is scored on its own, bit for bit the same under any traffic, in smaller batches
+    # (rewards/serving.MicroBatcher).
+    "RERANK_BATCH_ACROSS_REQUESTS": env_bool("PREFLAB_RERANK_BATCH_ACROSS_REQUESTS", True),
     # Candidates one batching pass may gather from queued requests: more of them sort into less padding.
     "RERANK_MAX_BATCH": env_int("PREFLAB_RERANK_MAX_BATCH", 256, minimum=1),
     # Sequences per forward pass within a batch (sorted by length, so each forward pads only to its own longest).

@@ -234,10 +234,8 @@ class _BatchDependentScorer:
         return [len(ids) + len(sequences) / 1000 for ids in sequences]
 
 
-def test_the_batcher_never_scores_one_request_beside_another():
-    fake = _BatchDependentScorer()
-    batcher = serving.MicroBatcher(fake, window_ms=300, max_items=256, forward_batch=16)
-    requests = [[[7] * n for n in range(1, size + 1)] for size in (1, 2, 3, 5, 8)]
+def _gathered(batcher, requests: list[list[list[int]]]) -> dict[int, list[float]]:
+    """Each request's scores, the requests sent at once from threads of their own (gathered in the window)."""
     got: dict[int, list[float]] = {}
     barrier = threading.Barrier(len(requests))
 
@@ -245,12 +243,34 @@ def test_the_batcher_never_scores_one_request_beside_another():
         barrier.wait()
         got[number] = batcher.score(requests[number])
 
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return got
+
+
+def test_by_default_gathered_requests_share_one_scoring_call_and_each_gets_its_own_scores():
+    """The throughput setting: the distinct candidates of every gathered request are scored in one call (so, on a
+    real model, in shared forward batches), which is what makes their scores depend on the traffic."""
+    fake = _BatchDependentScorer()
+    batcher = serving.MicroBatcher(fake, window_ms=300, max_items=256, forward_batch=16)
+    requests = [[[7] * n for n in range(1, size + 1)] for size in (1, 2, 3, 5)]
     try:
-        threads = [threading.Thread(target=call, args=(n,)) for n in range(len(requests))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        got = _gathered(batcher, requests)
+    finally:
+        batcher.stop()
+    assert batcher.passes[0] == (4, 11) and fake.calls == [5]
+    assert got == {n: [len(ids) + 5 / 1000 for ids in sequences] for n, sequences in enumerate(requests)}
+
+
+def test_without_sharing_the_batcher_never_scores_one_request_beside_another():
+    fake = _BatchDependentScorer()
+    batcher = serving.MicroBatcher(fake, window_ms=300, max_items=256, forward_batch=16, across_requests=False)
+    requests = [[[7] * n for n in range(1, size + 1)] for size in (1, 2, 3, 5, 8)]
+    try:
+        got = _gathered(batcher, requests)
         alone = {n: fake(sequences, batch_size=16) for n, sequences in enumerate(requests)}
     finally:
         batcher.stop()
@@ -290,7 +310,7 @@ def test_concurrent_requests_get_exactly_the_scores_they_get_alone(deployed, set
     rng = random.Random(0)
     requests = [(f"Question {n}?", _random_texts(rng, rng.randint(2, 12))) for n in range(6)]
     alone = [served.score(prompt, candidates) for prompt, candidates in requests]
-    settings.PREFLAB = {**settings.PREFLAB, "RERANK_BATCH_WINDOW_MS": 300}
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_BATCH_WINDOW_MS": 300, "RERANK_BATCH_ACROSS_REQUESTS": False}
     serving.pool.clear()
     served = serving.pool.get(reward_model_id=deployed.pk, artifact_path=deployed.artifact_path,
                               registered=deployed.created_at)
@@ -344,9 +364,9 @@ def test_a_rerank_answer_holds_bit_for_bit_however_the_request_is_served(project
     repeated = [*CANDIDATES, CANDIDATES[2], CANDIDATES[0]]
     body = _rerank(key_client, project, candidates=repeated)
     assert _by_text(body, repeated) == expected and len(body["results"]) == len(repeated)
-    # While other requests are being scored in the same window.
+    # While other requests are being scored in the same window, each request scored on its own.
     cache.clear()
-    settings.PREFLAB = {**settings.PREFLAB, "RERANK_BATCH_WINDOW_MS": 300}
+    settings.PREFLAB = {**settings.PREFLAB, "RERANK_BATCH_WINDOW_MS": 300, "RERANK_BATCH_ACROSS_REQUESTS": False}
     serving.pool.clear()
     served = serving.pool.get(reward_model_id=deployed.pk, artifact_path=deployed.artifact_path,
                               registered=deployed.created_at)
