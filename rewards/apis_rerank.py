@@ -141,10 +141,10 @@ class RerankApi(APIView):
         results = ResultOutput(
             many=True,
             help_text="Best first: candidates that pass the constraints by score, then failing ones by score; equal "
-                      "scores (5 decimals) in request order, the lower index first. A candidate's score depends "
-                      "only on the model version, the prompt and the request's distinct candidates, so the same "
-                      "request gives the same results whether it is cached or not, scored while other requests are "
-                      "or not, and with its candidates in another order or repeated.")
+                      "scores (5 decimals) in request order, the lower index first. The same request gives the same "
+                      "results, cached or not and with its candidates in another order or repeated; a request "
+                      "scored beside other traffic (the server's default batching) can differ from one scored alone "
+                      "in its last rounded digit, rarely.")
         best_index = serializers.IntegerField()
         cached = serializers.BooleanField(help_text="Answered from the cache; the body is the same either way.")
         timing_ms = serializers.FloatField()
