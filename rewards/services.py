@@ -18,6 +18,7 @@ still running as that attempt, so a process that was given up for lost cannot ov
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import logging
@@ -63,6 +64,7 @@ from rewards.training.common import (
     base_model_label,
     checkpoint_step,
     latest_checkpoint,
+    policy_length_check,
     resolve_base_model,
 )
 
@@ -99,12 +101,12 @@ def _recipe(kind: str) -> Recipe:
         from rewards.training import dpo
 
         return Recipe(dpo.DPO_DEFAULTS, dpo.validate_dpo_hyperparameters, dpo.train_dpo, embedded.smollm2_path,
-                      "smollm2", dpo.dpo_length_check)
+                      "smollm2", functools.partial(policy_length_check, dpo.dpo_lengths_fit))
     if kind == TrainingRun.Kind.RLHF:
         from rewards.training import rlhf
 
         return Recipe(rlhf.RLHF_DEFAULTS, rlhf.validate_rlhf_hyperparameters, rlhf.train_rlhf,
-                      embedded.smollm2_path, "smollm2", rlhf.rlhf_length_check)
+                      embedded.smollm2_path, "smollm2", functools.partial(policy_length_check, rlhf.rlhf_lengths_fit))
     raise DomainError(f"Unknown training kind '{kind}'; use one of {', '.join(TrainingRun.Kind.values)}.",
                       field="kind")
 

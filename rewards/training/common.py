@@ -141,6 +141,16 @@ def base_model_positions(base_model: str | Path | None, *, default: str) -> int 
     return config_positions(config) if isinstance(config, dict) else None
 
 
+def policy_length_check(lengths_fit: Callable[..., None], *, base_model: str | None,
+                        hyperparameters: dict[str, Any]) -> None:
+    """A policy recipe's `lengths_fit(hyperparameters, positions=...)` before a run is queued, with the positions read
+    from the base model's config.json (the embedded SmolLM2 when blank); the worker checks again on the loaded
+    model."""
+    positions = base_model_positions(base_model, default="smollm2")
+    if positions is not None:
+        lengths_fit(hyperparameters, positions=positions)
+
+
 def resolve_base_model(base_model: str | Path | None, *, default: Callable[[], Path]) -> Path:
     """The local folder of a base model that passes base_model_check: `default()` when blank, the embedded
     model's folder (built on first use) for its name, else the folder itself."""

@@ -14,7 +14,6 @@ from rewards.training.common import (
     DEFAULT_SAVE_STEPS,
     HyperparameterError,
     TrainingResult,
-    base_model_positions,
     check_save_steps,
     checkpoint_arguments,
     model_positions,
@@ -178,14 +177,6 @@ def dpo_lengths_fit(hp: dict[str, Any], *, positions: int) -> None:
     if hp["win_rate_prompts"] and hp["max_new_tokens"] >= positions:
         raise HyperparameterError("max_new_tokens", f"must be below the {positions} positions of the base model "
                                                     "(a win-rate answer follows at least one prompt token).")
-
-
-def dpo_length_check(*, base_model: str | None, hyperparameters: dict[str, Any]) -> None:
-    """dpo_lengths_fit before a run is queued, with the positions read from the base model's config.json (the
-    embedded SmolLM2 when blank); the worker checks again on the loaded model."""
-    positions = base_model_positions(base_model, default="smollm2")
-    if positions is not None:
-        dpo_lengths_fit(hyperparameters, positions=positions)
 
 
 def trainer_precision(device: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from rewards.training.common import (
     DEFAULT_SAVE_STEPS,
     HyperparameterError,
     TrainingResult,
-    base_model_positions,
     check_save_steps,
     model_positions,
     pick_device,
@@ -117,14 +116,6 @@ def rlhf_lengths_fit(hp: dict[str, Any], *, positions: int) -> None:
     if hp["max_completion_length"] >= positions:
         raise HyperparameterError("max_completion_length", f"must be below the {positions} positions of the base "
                                                            "model (a completion follows at least one prompt token).")
-
-
-def rlhf_length_check(*, base_model: str | None, hyperparameters: dict[str, Any]) -> None:
-    """rlhf_lengths_fit before a run is queued, with the positions read from the base model's config.json (the
-    embedded SmolLM2 when blank); the worker checks again on the loaded model."""
-    positions = base_model_positions(base_model, default="smollm2")
-    if positions is not None:
-        rlhf_lengths_fit(hyperparameters, positions=positions)
 
 
 def _cut_from_left(text: str, *, fits: Any) -> str:
