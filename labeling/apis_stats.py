@@ -41,11 +41,23 @@ class ChoicesOutput(serializers.Serializer):
     both_bad = serializers.IntegerField()
 
 
+# Each measure below comes with the count it was taken over; the dashboard flags a labeler on a measure only when
+# that count reaches the minimum of labeling.selectors.labeler_outlier_reasons, and the schema says which.
+
+
 class LabelerActivityOutput(serializers.Serializer):
     labeler = LabelerRef()
-    comparisons = serializers.IntegerField()
-    median_seconds = serializers.FloatField(allow_null=True, help_text="Of the comparisons that carry a time.")
-    side_picks = serializers.IntegerField(help_text="Comparisons that picked A or B: the count behind left_share.")
+    comparisons = serializers.IntegerField(help_text="Human comparisons; 0 for a labeler who has not labeled yet.")
+    median_seconds = serializers.FloatField(allow_null=True,
+                                            help_text="Of the comparisons that carry a time; null when none does.")
+    timed = serializers.IntegerField(
+        help_text="Comparisons that carry a time: the count behind median_seconds (those sent without one are left "
+                  f"out). The dashboard flags a median under {selectors.OUTLIER_MEDIAN_SECONDS_MIN} s only over at "
+                  f"least {selectors.OUTLIER_MEDIAN_MIN_TIMED} of them.")
+    side_picks = serializers.IntegerField(
+        help_text="Comparisons that picked A or B: the count behind left_share. The dashboard flags a left_share "
+                  f"outside {selectors.OUTLIER_LEFT_SHARE_BAND[0]}-{selectors.OUTLIER_LEFT_SHARE_BAND[1]} only over "
+                  f"at least {selectors.OUTLIER_MIN_LABELS} of them.")
     left_share = _rate("Share of left-side picks, as shown, among the picks of one side (0.5 is no position bias).")
     tie_rate = _rate("Share of ties.")
     both_bad_rate = _rate("Share of 'both bad'.")
@@ -77,7 +89,11 @@ class PairwiseKappaOutput(serializers.Serializer):
 
 class LabelerAgreementOutput(serializers.Serializer):
     labeler = LabelerRef()
-    pairs = serializers.IntegerField()
+    pairs = serializers.IntegerField(
+        help_text="Pairs the labeler shares with other labelers (pairs they labeled that have two or more human "
+                  f"labels): the count behind agreement. The dashboard flags an agreement below "
+                  f"{selectors.OUTLIER_AGREEMENT_MIN} only over at least {selectors.OUTLIER_AGREEMENT_MIN_PAIRS} of "
+                  "them.")
     agreement = _rate("Share of the other labels on their pairs that match theirs.")
 
 
@@ -100,13 +116,16 @@ class AgreementOutput(serializers.Serializer):
     cohen_kappa_reason = serializers.CharField(allow_null=True,
                                                help_text="Why cohen_kappa is null; null when it is set.")
     pairwise_kappa = PairwiseKappaOutput(many=True)
-    per_labeler = LabelerAgreementOutput(many=True)
+    per_labeler = LabelerAgreementOutput(many=True, help_text="The labelers who share pairs with others.")
     daily = AgreementDayOutput(many=True, help_text="Agreement over time: the last 14 UTC days, the current one last.")
 
 
 class GoldLabelerOutput(serializers.Serializer):
     labeler = LabelerRef()
-    comparisons = serializers.IntegerField()
+    comparisons = serializers.IntegerField(
+        help_text="Answers on gold pairs: the count behind accuracy. The dashboard flags an accuracy below "
+                  f"{selectors.OUTLIER_GOLD_ACCURACY_MIN} only over at least {selectors.OUTLIER_GOLD_MIN_ANSWERS} of "
+                  "them.")
     correct = serializers.IntegerField()
     accuracy = _rate("Share of comparisons equal to the gold choice.")
 
@@ -115,7 +134,7 @@ class GoldOutput(serializers.Serializer):
     comparisons = serializers.IntegerField()
     correct = serializers.IntegerField()
     accuracy = _rate("Share of comparisons equal to the gold choice.")
-    labelers = GoldLabelerOutput(many=True)
+    labelers = GoldLabelerOutput(many=True, help_text="The labelers who answered gold pairs.")
 
 
 class ProjectStatsOutput(serializers.Serializer):
@@ -124,7 +143,9 @@ class ProjectStatsOutput(serializers.Serializer):
     pairs = PairCountsOutput()
     comparisons = ComparisonCountsOutput()
     choices = ChoicesOutput(help_text="Human and imported comparisons, in the pair's A/B frame.")
-    labelers = LabelerActivityOutput(many=True)
+    labelers = LabelerActivityOutput(
+        many=True, help_text="Everyone with human comparisons, and the members with the labeler role who have none "
+                             "yet (zero counts, null rates), by username.")
     throughput = ThroughputOutput(help_text="Human comparisons per hour.")
     agreement = AgreementOutput()
     gold = GoldOutput()

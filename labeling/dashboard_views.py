@@ -102,6 +102,7 @@ class DashboardView(LoginRequiredMixin, View):
         activity = selectors.project_recent_activity(projects=projects)
         pairs = stats.pair_counts_by_project(projects=projects)
         deployed = reward_models_deployed(projects=projects)
+        agreement = stats.agreement_summary_by_project(projects=projects)
         rows = []
         for project in projects:
             reward_model = deployed.get(project.pk)
@@ -109,7 +110,7 @@ class DashboardView(LoginRequiredMixin, View):
                 "project": project,
                 "pairs": pairs[project.pk],
                 "activity": activity[project.pk],
-                "agreement": stats.labeler_agreement(project=project),
+                "agreement": agreement[project.pk],
                 "reward_model": reward_model,
                 "held_out_accuracy": (reward_model.metrics or {}).get(HELD_OUT_ACCURACY_KEY) if reward_model else None,
             })

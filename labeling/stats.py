@@ -19,13 +19,14 @@ from django.db.models.functions import TruncHour
 from django.utils import timezone
 
 from labeling.errors import DomainError
-from labeling.models import Choice, Comparison, Pair, Project
+from labeling.models import Choice, Comparison, Membership, Pair, Project
 from labeling.services import choice_to_frame
 
 CHOICES: tuple[str, ...] = tuple(Choice.values)
 DECISIVE: tuple[str, ...] = (Choice.A.value, Choice.B.value)
 CHOICE_INDEX = {choice: index for index, choice in enumerate(CHOICES)}
 DECISIVE_INDEXES = frozenset(CHOICE_INDEX[choice] for choice in DECISIVE)
+UNDECISIVE_INDEXES = [index for index in range(len(CHOICES)) if index not in DECISIVE_INDEXES]
 THROUGHPUT_DEFAULT_HOURS = 48
 THROUGHPUT_MAX_HOURS = 24 * 31
 # Days of the agreement-over-time series (UTC days, the current one last).
@@ -142,7 +143,8 @@ def _median_ms_by_labeler(*, project: Project) -> dict[int, float]:
 def labeler_activity(*, project: Project) -> list[dict[str, Any]]:
     """Per labeler of human comparisons: how many, median seconds per comparison over those that carry a time
     (`timed` of them), how many picked a side (A or B), the share of left-side picks among those as the labeler saw
-    them (0.5 is no position bias), and the tie and both-bad rates."""
+    them (0.5 is no position bias), and the tie and both-bad rates. Members with the labeler role who have not
+    labeled yet are listed too, with zero counts and None for every rate and the median."""
     # Grouped by the labeler id alone, and named afterwards: with the username in the group key the rows to sort
     # for the median were wide enough to spill to disk on large projects.
     rows = (
@@ -163,14 +165,18 @@ def labeler_activity(*, project: Project) -> list[dict[str, Any]]:
         # In the same pass: a second query for the medians cost another scan of the project's comparisons.
         rows = rows.annotate(median_ms=_Median("time_ms"))
     medians = {} if postgres else _median_ms_by_labeler(project=project)
-    rows = list(rows)
-    usernames = dict(get_user_model().objects.filter(pk__in=[row["labeler_id"] for row in rows])
+    by_labeler = {row["labeler_id"]: row for row in rows}
+    # The names, and in the same query the labelers who have done nothing yet: a manager needs to see those too.
+    labelers = Membership.objects.filter(project=project, role=Membership.Role.LABELER).values("user_id")
+    usernames = dict(get_user_model().objects.filter(Q(pk__in=list(by_labeler)) | Q(pk__in=labelers))
                      .values_list("pk", "username"))
+    nothing = {"median_ms": None, **dict.fromkeys(("comparisons", "timed", "sided", "left", "ties", "both_bad"), 0)}
     result = []
-    for row in sorted(rows, key=lambda row: usernames[row["labeler_id"]]):
-        median_ms = row["median_ms"] if postgres else medians.get(row["labeler_id"])
+    for labeler_id in sorted(usernames, key=usernames.__getitem__):
+        row = by_labeler.get(labeler_id, nothing)
+        median_ms = row["median_ms"] if postgres else medians.get(labeler_id)
         result.append({
-            "labeler": _labeler_ref(row["labeler_id"], usernames[row["labeler_id"]]),
+            "labeler": _labeler_ref(labeler_id, usernames[labeler_id]),
             "comparisons": row["comparisons"],
             "median_seconds": median_ms / 1000 if median_ms is not None else None,
             "timed": row["timed"],
@@ -210,6 +216,23 @@ def _agreement_summary(agreeing: np.ndarray, unanimous: np.ndarray) -> dict[str,
         "pairs": pairs,
         "percent_agreement": math.fsum(agreeing.tolist()) / pairs if pairs else None,
         "unanimous_share": _share(int(unanimous.sum()), pairs),
+    }
+
+
+def _pair_agreement(value_counts: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """From the choice counts of the pairs with two or more human labels (a row per pair, a column per choice):
+    each pair's share of agreeing label pairs, and the project-wide measures that follow from the counts alone."""
+    n = value_counts.sum(axis=1)
+    agreeing = (value_counts * (value_counts - 1)).sum(axis=1) / (n * (n - 1))
+    unanimous = value_counts.max(axis=1, initial=0) == n
+    decisive = value_counts[:, UNDECISIVE_INDEXES].sum(axis=1) == 0
+    alpha, alpha_reason = _krippendorff_alpha(value_counts)
+    return agreeing, {
+        "labels": int(n.sum()),
+        "with_ties": _agreement_summary(agreeing, unanimous),
+        "without_ties": _agreement_summary(agreeing[decisive], unanimous[decisive]),
+        "krippendorff_alpha": alpha,
+        "krippendorff_alpha_reason": alpha_reason,
     }
 
 
@@ -301,12 +324,7 @@ def labeler_agreement(*, project: Project, days: int = AGREEMENT_DAYS,
     counts = np.bincount(group * len(CHOICES) + choice, minlength=len(starts) * len(CHOICES)).reshape(
         -1, len(CHOICES))
     multi = sizes >= 2
-    value_counts, n = counts[multi], sizes[multi]
-    agreeing = (value_counts * (value_counts - 1)).sum(axis=1) / (n * (n - 1))
-    unanimous = value_counts.max(axis=1, initial=0) == n
-    decisive = value_counts[:, [i for i in range(len(CHOICES)) if i not in DECISIVE_INDEXES]].sum(axis=1) == 0
-    with_ties = _agreement_summary(agreeing, unanimous)
-    without_ties = _agreement_summary(agreeing[decisive], unanimous[decisive])
+    agreeing, summary = _pair_agreement(counts[multi])
     latest = np.maximum.reduceat(at, starts)[multi] if len(at) else np.zeros(0, dtype=np.int64)
     daily = _agreement_daily(latest, agreeing, days=days, now=now)
 
@@ -337,7 +355,6 @@ def labeler_agreement(*, project: Project, days: int = AGREEMENT_DAYS,
     couples = [(int(labeler_keys[key // len(labeler_keys)]), int(labeler_keys[key % len(labeler_keys)]))
                for key in couple_list.tolist()]
     shared_pairs = {int(labeler_keys[i]): int(shared[i]) for i in np.flatnonzero(shared).tolist()}
-    labels = int(shared.sum())
 
     usernames = dict(get_user_model().objects.filter(pk__in=list(shared_pairs)).values_list("pk", "username"))
     index_of = {int(labeler_id): i for i, labeler_id in enumerate(labeler_keys.tolist())}
@@ -359,20 +376,40 @@ def labeler_agreement(*, project: Project, days: int = AGREEMENT_DAYS,
         }
         for labeler_id in sorted(shared_pairs, key=lambda pk: usernames[pk])
     ]
-    alpha, alpha_reason = _krippendorff_alpha(value_counts)
     return {
-        "labels": labels,
+        "labels": summary["labels"],
         "labelers": len(shared_pairs),
-        "with_ties": with_ties,
-        "without_ties": without_ties,
-        "krippendorff_alpha": alpha,
-        "krippendorff_alpha_reason": alpha_reason,
+        "with_ties": summary["with_ties"],
+        "without_ties": summary["without_ties"],
+        "krippendorff_alpha": summary["krippendorff_alpha"],
+        "krippendorff_alpha_reason": summary["krippendorff_alpha_reason"],
         "cohen_kappa": pairwise[0]["kappa"] if len(pairwise) == 1 else None,
         "cohen_kappa_reason": _cohen_kappa_reason(pairwise),
         "pairwise_kappa": pairwise,
         "per_labeler": per_labeler,
         "daily": daily,
     }
+
+
+def agreement_summary_by_project(*, projects: Iterable[Project]) -> dict[int, dict[str, Any]]:
+    """Per project id, the measures of labeler_agreement that need no labeler or day: `labels`, `with_ties`,
+    `without_ties`, `krippendorff_alpha` and its reason, each equal to labeler_agreement's for that project. One
+    query for all the projects, which reads the choice counts of each pair with two or more human labels; the
+    projects overview would otherwise fetch every label of every project, one project after the other."""
+    ids = [project.pk for project in projects]
+    rows = (
+        Comparison.objects.filter(project_id__in=ids, source=Comparison.Source.LABEL)
+        .values_list("project_id", "pair_id")
+        .annotate(n=Count("id"), **{f"n_{choice}": Count("id", filter=Q(choice=choice)) for choice in CHOICES})
+        .filter(n__gte=2)
+        .order_by()
+    )
+    columns = np.array(list(rows), dtype=np.int64).reshape(-1, 3 + len(CHOICES))
+    # In pair order within each project, the order labeler_agreement reads them in: the same rows in the same
+    # order give the same alpha to the last bit.
+    columns = columns[np.lexsort((columns[:, 1], columns[:, 0]))]
+    bounds = np.searchsorted(columns[:, 0], ids, side="left"), np.searchsorted(columns[:, 0], ids, side="right")
+    return {pk: _pair_agreement(columns[start:end, 3:])[1] for pk, start, end in zip(ids, *bounds, strict=True)}
 
 
 def _agreement_daily(latest: np.ndarray, agreeing: np.ndarray, *, days: int,

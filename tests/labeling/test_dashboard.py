@@ -183,30 +183,64 @@ def test_overview_shows_progress_activity_agreement_and_reward_model(project, ma
 
 
 @pytest.mark.django_db
-def test_overview_reads_counts_and_deployed_models_of_all_projects_at_once(manager, tmp_path):
-    """Beyond each project's agreement, the overview's queries do not grow with the number of projects."""
+def test_overview_queries_do_not_grow_with_the_number_of_projects(manager, tmp_path):
+    """Counts, deployed models and agreement of every project are read at once: 1, 5 or 20 projects, with labels
+    on shared pairs and a deployed model each, take the same number of queries."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     def overview_queries(projects: int) -> int:
         Project.objects.all().delete()
         for index in range(projects):
-            project = ProjectFactory()
+            project = ProjectFactory(labels_per_pair=2)
             Membership.objects.create(project=project, user=manager, role=Membership.Role.MANAGER)
-            PairFactory(project=project)
+            ann, bob = _member(project), _member(project)
+            pair = PairFactory(project=project)
+            _label(pair, ann, "a"), _label(pair, bob, "a" if index % 2 else "b")
             RewardModel.objects.create(project=project, version=1, artifact_path=str(tmp_path), is_deployed=True,
                                        deployed_at="2025-01-01T00:00:00Z", metrics={"eval_accuracy": 0.5 + index / 100})
         client = _client(manager)
         with CaptureQueriesContext(connection) as queries:
             page = client.get("/dashboard/")
-        assert page.status_code == 200 and page.content.decode().count("held-out accuracy") == projects
+        body = page.content.decode()
+        assert page.status_code == 200 and body.count("held-out accuracy") == projects
+        assert body.count('data-stat="agreement">') == projects and "no overlapping labels yet" not in body
         return len(queries)
 
-    with CaptureQueriesContext(connection) as agreement:
-        stats.labeler_agreement(project=ProjectFactory())
-    # Four more projects cost at most four more agreement computations (one query each on these unlabeled pairs,
-    # against about four per project when each row read its counts and its deployed model on its own).
-    assert overview_queries(6) - overview_queries(2) <= 4 * len(agreement)
+    counts = [overview_queries(projects) for projects in (1, 5, 20)]
+    assert counts[0] == counts[1] == counts[2], counts
+
+
+@pytest.mark.django_db
+def test_overview_agreement_is_that_of_each_project(manager):
+    """The overview's batched agreement gives each project the same numbers as labeling.stats on that project
+    alone."""
+    projects = []
+    for choices in (("a", "a", "b"), ("a", "a", "a"), ("tie", "b", "both_bad"), ()):
+        project = ProjectFactory(labels_per_pair=3)
+        Membership.objects.create(project=project, user=manager, role=Membership.Role.MANAGER)
+        people = [_member(project) for _ in range(3)]
+        for pair_choices in (choices, choices[::-1], choices[:2]):
+            pair = PairFactory(project=project)
+            for person, choice in zip(people, pair_choices, strict=False):
+                _label(pair, person, choice)
+        projects.append(project)
+    summaries = stats.agreement_summary_by_project(projects=projects)
+    for project in projects:
+        alone = stats.labeler_agreement(project=project)
+        summary = summaries[project.pk]
+        assert summary == {key: alone[key] for key in summary}
+        assert {"with_ties", "without_ties", "krippendorff_alpha", "krippendorff_alpha_reason"} <= set(summary)
+    page = _client(manager).get("/dashboard/").content.decode()
+    shown = {slug: re.sub(r"\s+", " ", text).strip() for slug, text in re.findall(
+        r'data-project="([^"]+)".*?data-stat="agreement">(.*?)</dd>', page, re.S)}
+    alphas = [stats.labeler_agreement(project=project)["krippendorff_alpha"] for project in projects[::2]]
+    assert [shown[project.slug] for project in projects] == [
+        f"\N{GREEK SMALL LETTER ALPHA} = {alphas[0]:.3f}",
+        "100% agree",  # every label the same choice: alpha is undefined, the share of agreement is shown instead
+        f"\N{GREEK SMALL LETTER ALPHA} = {alphas[1]:.3f}",
+        '<span class="hint">no overlapping labels yet</span>',
+    ]
 
 
 @pytest.mark.django_db

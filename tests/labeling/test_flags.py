@@ -2,11 +2,17 @@
 picks of a side, shared pairs) and fires once it has it; below it the measure is shown but never flags."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.test import Client
+from django.urls import path
+from drf_spectacular.generators import SchemaGenerator
 
 from labeling import selectors, stats
+from labeling.apis_stats import ProjectStatsApi
 from labeling.models import Comparison, Membership, Pair
+from tests.conftest import client_for
 from tests.factories import PairFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -164,5 +170,83 @@ def test_a_project_with_only_gold_pairs_and_a_member_with_no_labels(project, man
     page = _page(project, manager)
     assert "0 of 0 pairs complete" in page and 'data-stat="pairs-gold">2<' in page
     assert 'data-stat="gold-accuracy">0.500 <span class="hint">(1 of 2)</span>' in page
-    assert 'data-labeler="busy">' in page and 'data-labeler="idle"' not in page
-    assert 'data-member="idle"' in page
+    assert 'data-labeler="busy">' in page and 'data-member="idle"' in page
+    # A labeler who has not labeled yet has a row too: zero counts, and a dash for every measure that is undefined.
+    idle = re.search(r'<tr data-labeler="idle">(.*?)</tr>', page, re.S).group(1)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", idle, re.S)
+    assert cells[:6] == ["0"] + ["\N{EN DASH}"] * 5
+    assert "none" in cells[6]
+
+
+def test_a_labeler_with_no_labels_is_in_the_table_and_the_api_with_zeros(project, manager):
+    idle = _member(project, "idle")
+    row = _rows(project)["idle"]
+    assert (row["comparisons"], row["timed"], row["side_picks"], row["gold_comparisons"], row["agreement_pairs"]) == (
+        0, 0, 0, 0, 0)
+    assert (row["median_seconds"], row["left_share"], row["tie_rate"], row["gold_accuracy"], row["agreement"]) == (
+        None, None, None, None, None)
+    assert row["member"] and row["outliers"] == []
+    body = client_for(manager).get(f"/api/v1/projects/{project.slug}/stats/").json()
+    assert body["labelers"] == [{
+        "labeler": {"id": idle.pk, "username": "idle"}, "comparisons": 0, "median_seconds": None, "timed": 0,
+        "side_picks": 0, "left_share": None, "tie_rate": None, "both_bad_rate": None,
+    }]
+
+
+def test_managers_who_have_not_labeled_are_not_listed_as_labelers(project, manager):
+    # Every project has a manager; listing them as labelers who did nothing would only be noise.
+    assert stats.labeler_activity(project=project) == []
+    pair = PairFactory(project=project)
+    _label(pair, manager, "a")
+    assert [row["labeler"]["id"] for row in stats.labeler_activity(project=project)] == [manager.pk]
+
+
+# --- the API gives the evidence behind every flag -------------------------------------------------------
+
+
+def test_the_api_carries_the_counts_that_the_flags_are_judged_on(project, manager):
+    """A client that applies the documented rule to the API's numbers flags the same labelers as the page."""
+    project.labels_per_pair = 2
+    project.save()
+    fast, hasty, slow = _member(project, "fast"), _member(project, "hasty"), _member(project, "slow")
+    # fast: ten timed answers in a second each (flagged); hasty: nine timed and five sent without a time.
+    for index, pair in enumerate(PairFactory.create_batch(14, project=project)):
+        _label(pair, hasty, "a", swapped=index % 2 == 1, time_ms=1000 if index < 9 else None)
+        if index < 10:
+            _label(pair, fast, "b", swapped=index % 2 == 1, time_ms=1000)
+    # slow disagrees with fast on 10 more pairs: fast shares 20 pairs in all, slow 10.
+    for index, pair in enumerate(PairFactory.create_batch(10, project=project)):
+        _label(pair, fast, "a", swapped=index % 2 == 1, time_ms=None)
+        _label(pair, slow, "b", swapped=index % 2 == 1)
+    _answer_gold(project, slow, right=6, wrong=4)
+    body = client_for(manager).get(f"/api/v1/projects/{project.slug}/stats/").json()
+    activity = {row["labeler"]["username"]: row for row in body["labelers"]}
+    assert (activity["fast"]["timed"], activity["hasty"]["timed"], activity["hasty"]["comparisons"]) == (10, 9, 14)
+    agreement = {row["labeler"]["username"]: row for row in body["agreement"]["per_labeler"]}
+    assert (agreement["fast"]["pairs"], agreement["hasty"]["pairs"], agreement["slow"]["pairs"]) == (20, 10, 10)
+    gold = {row["labeler"]["username"]: row for row in body["gold"]["labelers"]}
+    from_api = {}
+    for name, row in activity.items():
+        shared = agreement.get(name, {"pairs": 0, "agreement": None})
+        answers = gold.get(name, {"comparisons": 0, "accuracy": None})
+        from_api[name] = selectors.labeler_outlier_reasons(
+            side_picks=row["side_picks"], left_share=row["left_share"], gold_comparisons=answers["comparisons"],
+            gold_accuracy=answers["accuracy"], timed=row["timed"], median_seconds=row["median_seconds"],
+            agreement_pairs=shared["pairs"], agreement=shared["agreement"])
+    assert from_api == {name: row["outliers"] for name, row in _rows(project).items()}
+    assert from_api["fast"] == ["median 1.0 s per comparison", "agrees with the others 0% of the time"]
+    assert from_api["hasty"] == [] and from_api["slow"] == ["gold accuracy 60% (6 of 10)"]
+
+
+def test_the_schema_documents_the_counts_behind_the_flags():
+    schema = SchemaGenerator(patterns=[path("api/v1/projects/<slug:slug>/stats/", ProjectStatsApi.as_view())]
+                             ).get_schema(request=None, public=True)
+    components = schema["components"]["schemas"]
+    activity = components["LabelerActivityOutput"]["properties"]
+    assert "timed" in components["LabelerActivityOutput"]["required"]
+    assert activity["timed"]["type"] == "integer" and "median_seconds" in activity["timed"]["description"]
+    assert "at least 10" in activity["timed"]["description"]
+    shared = components["LabelerAgreementOutput"]["properties"]["pairs"]
+    assert "at least 20" in shared["description"] and "agreement" in shared["description"]
+    gold = components["GoldLabelerOutput"]["properties"]["comparisons"]
+    assert "at least 10" in gold["description"] and "accuracy" in gold["description"]
