@@ -64,6 +64,17 @@ def _request_id_clear(sender, **kwargs) -> None:
     request_id_var.set(NO_REQUEST_ID)
 
 
+def _drop_body(response: HttpResponse) -> None:
+    """A HEAD answer has the GET's headers and no body (RFC 9110). Django leaves dropping it to the server, and
+    gunicorn, which does, logs a warning for every such request: a load balancer's HEAD probes filled the log."""
+    if response.streaming:
+        response.streaming_content = []
+        return
+    if not response.has_header("Content-Length"):
+        response["Content-Length"] = str(len(response.content))
+    response.content = b""
+
+
 class RequestContextMiddleware:
     """Outermost middleware: everything logged while the request runs carries its id, and the request is
     counted, timed and logged once when the response leaves."""
@@ -82,6 +93,8 @@ class RequestContextMiddleware:
         # For a streamed response this is the time to the first byte, which is what a client waits on.
         duration = time.perf_counter() - started
         response[REQUEST_ID_HEADER] = request_id
+        if request.method == "HEAD":
+            _drop_body(response)
         self._record(request, response, duration)
         return response
 

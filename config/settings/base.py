@@ -97,6 +97,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # First, so that its request id, timing and access log cover everything the others do.
     "config.middleware.RequestContextMiddleware",
+    # Before the host check, the HTTPS redirect and authentication, none of which a probe from inside the
+    # deployment passes or needs.
+    "config.health.HealthCheckMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Beside Django's other security headers, and outside WhiteNoise: static files (an SVG can script) get it too.
     "config.middleware.ContentSecurityPolicyMiddleware",

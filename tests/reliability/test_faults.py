@@ -164,9 +164,14 @@ def test_with_redis_down_labeling_goes_on_jobs_are_refused_reranking_skips_the_c
         assert [r.json()["cached"] for r in uncached] == [False, False]
         assert uncached[0].json()["results"] == first.json()["results"]
 
-        # Monitoring and the health check do not depend on Redis.
+        # Monitoring and the probes do not depend on Redis; readiness says what is down.
         assert requests.get(f"{web.url}/metrics", timeout=TIMEOUT).status_code == 200
-        assert requests.get(f"{web.url}/accounts/login/", timeout=TIMEOUT).status_code == 200
+        assert requests.get(f"{web.url}/healthz", timeout=TIMEOUT).status_code == 200
+        ready = requests.get(f"{web.url}/readyz", timeout=TIMEOUT)
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["status"] == "degraded"
+        assert {name: check["ok"] for name, check in ready.json()["checks"].items()} == {
+            "database": True, "cache": False, "broker": False}
 
         redis_server.start()
         restarted = time.monotonic()
@@ -179,10 +184,12 @@ def test_with_redis_down_labeling_goes_on_jobs_are_refused_reranking_skips_the_c
         broker.close()
         assert rerank_api.post("/api/v1/rerank/", rerank_body).json()["cached"] is False
         assert rerank_api.post("/api/v1/rerank/", rerank_body).json()["cached"] is True
+        assert requests.get(f"{web.url}/readyz", timeout=TIMEOUT).json()["status"] == "ok"
         figure(f"[faults] redis down: {labeling[200] + labeling[201]}/{sum(labeling.values())} labeling requests "
               f"ok, training submit {refused.status_code} in {refused.elapsed.total_seconds():.2f} s, rerank "
               f"{uncached[0].status_code} uncached in {uncached[1].elapsed.total_seconds():.2f} s, /metrics and "
-              f"health 200; redis back: training submit 202 in {recovered:.2f} s, cache hit again")
+              f"/healthz 200, /readyz degraded in {ready.elapsed.total_seconds():.2f} s; redis back: training "
+              f"submit 202 in {recovered:.2f} s, cache hit again")
     finally:
         web.stop()
 
@@ -330,9 +337,16 @@ def test_a_postgres_restart_fails_requests_in_flight_cleanly_and_the_next_succee
         assert [(r.status_code, _error_code(r)) for r in down] == [(503, "database_unavailable")] * 4
         metrics = requests.get(f"{web.url}/metrics", timeout=TIMEOUT)
         assert metrics.status_code == 200 and "preflab_http_requests" in metrics.text
+        # Alive, not ready: an orchestrator stops routing traffic here but does not restart the container.
+        assert requests.get(f"{web.url}/healthz", timeout=TIMEOUT).status_code == 200
+        unready = requests.get(f"{web.url}/readyz", timeout=TIMEOUT)
+        assert unready.status_code == 503, unready.text
+        assert unready.json()["status"] == "unavailable"
+        assert unready.json()["checks"]["database"]["ok"] is False
         pg.start()
         back = api.get(f"/api/v1/projects/{slug}/next/")
         assert back.status_code == 200, back.text
+        assert requests.get(f"{web.url}/readyz", timeout=TIMEOUT).json()["checks"]["database"]["ok"] is True
         with psycopg.connect(pg.dsn("preflab")) as conn:
             stored = conn.execute("SELECT count(*) FROM labeling_comparison").fetchone()[0]
         assert stored == 1
@@ -340,7 +354,8 @@ def test_a_postgres_restart_fails_requests_in_flight_cleanly_and_the_next_succee
               f"{sum(during_restart.outcomes.values())} requests during the restart {dict(during_restart.outcomes)}, "
               f"first request after it ok in {first_after.elapsed.total_seconds():.2f} s, then 12/12 ok; "
               f"{len(dropped)} idle connections dropped: 12/12 next requests ok; stopped: "
-              f"4/4 requests 503 (slowest {max(r.elapsed.total_seconds() for r in down):.2f} s), /metrics 200; "
+              f"4/4 requests 503 (slowest {max(r.elapsed.total_seconds() for r in down):.2f} s), /metrics 200, "
+              f"/readyz 503 in {unready.elapsed.total_seconds():.2f} s; "
               f"started again: first request ok in {back.elapsed.total_seconds():.2f} s")
     finally:
         web.stop()
