@@ -57,7 +57,8 @@ class LabelerActivityOutput(serializers.Serializer):
     side_picks = serializers.IntegerField(
         help_text="Comparisons that picked A or B: the count behind left_share. The dashboard flags a left_share "
                   f"outside {selectors.OUTLIER_LEFT_SHARE_BAND[0]}-{selectors.OUTLIER_LEFT_SHARE_BAND[1]} only over "
-                  f"at least {selectors.OUTLIER_MIN_LABELS} of them.")
+                  f"at least {selectors.OUTLIER_MIN_LABELS} of them, and only when a two-sided binomial test against "
+                  f"a fair coin gives p < {selectors.OUTLIER_LEFT_SHARE_P}.")
     left_share = _rate("Share of left-side picks, as shown, among the picks of one side (0.5 is no position bias).")
     tie_rate = _rate("Share of ties.")
     both_bad_rate = _rate("Share of 'both bad'.")

@@ -84,6 +84,7 @@ def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
         "api_keys": selectors.api_key_list(project=project),
         "outlier_rule": {
             "min_labels": selectors.OUTLIER_MIN_LABELS, "left_band": selectors.OUTLIER_LEFT_SHARE_BAND,
+            "left_p": f"{selectors.OUTLIER_LEFT_SHARE_P:.0%}",
             "gold_min": selectors.OUTLIER_GOLD_ACCURACY_MIN, "gold_answers": selectors.OUTLIER_GOLD_MIN_ANSWERS,
             "seconds_min": selectors.OUTLIER_MEDIAN_SECONDS_MIN, "timed_min": selectors.OUTLIER_MEDIAN_MIN_TIMED,
             "agreement_min": selectors.OUTLIER_AGREEMENT_MIN,

@@ -198,11 +198,14 @@ def labeler_progress(*, projects: Iterable[Project], user: AbstractBaseUser) -> 
 # A labeler is flagged for a look when one of these holds, each judged only on enough evidence: on a handful of
 # answers a careful labeler lands on the wrong side of any threshold by chance, and a flag that fires on noise
 # teaches managers to ignore flags. The left-side rate counts picks of a side only (ties and both-bad answers say
-# nothing about position); with OUTLIER_MIN_LABELS of them a fair labeler falls outside the band about one time in
-# nine. A labeler who is right on 90% of gold pairs falls below OUTLIER_GOLD_ACCURACY_MIN on 8% of samples of 5 gold
-# answers, on 1% of samples of OUTLIER_GOLD_MIN_ANSWERS.
+# nothing about position). It flags when it lies outside the band (a bias worth a look) and a fair coin would land
+# that far from half with probability under OUTLIER_LEFT_SHARE_P (two-sided binomial test): outside the band alone,
+# a fair labeler was flagged about one time in nine at 20 picks; with the test, at most one time in a hundred at any
+# count (0.3% at 20 picks, which then need 17 of one side). A labeler who is right on 90% of gold pairs falls below
+# OUTLIER_GOLD_ACCURACY_MIN on 8% of samples of 5 gold answers, on 1% of samples of OUTLIER_GOLD_MIN_ANSWERS.
 OUTLIER_MIN_LABELS = 20
 OUTLIER_LEFT_SHARE_BAND = (0.35, 0.65)
+OUTLIER_LEFT_SHARE_P = 0.01
 OUTLIER_GOLD_ACCURACY_MIN = 0.7
 OUTLIER_GOLD_MIN_ANSWERS = 10
 OUTLIER_MEDIAN_SECONDS_MIN = 3.0
@@ -247,6 +250,13 @@ def project_recent_activity(*, projects: Iterable[Project], now: datetime | None
     return {pk: found.get(pk, RecentActivity(0, 0)) for pk in ids}
 
 
+def _fair_coin_p(*, heads: int, tosses: int) -> float:
+    """Two-sided binomial test against a fair coin: the probability of a count at least as far from half."""
+    from scipy.stats import binom  # imported on first use: most requests never get here
+
+    return min(1.0, 2 * float(binom.cdf(min(heads, tosses - heads), tosses, 0.5)))
+
+
 def labeler_outlier_reasons(*, side_picks: int, left_share: float | None, gold_comparisons: int,
                             gold_accuracy: float | None, timed: int, median_seconds: float | None,
                             agreement_pairs: int, agreement: float | None) -> list[str]:
@@ -256,7 +266,8 @@ def labeler_outlier_reasons(*, side_picks: int, left_share: float | None, gold_c
     `median_seconds`, and `agreement_pairs` pairs shared with other labelers for `agreement`."""
     reasons = []
     low, high = OUTLIER_LEFT_SHARE_BAND
-    if side_picks >= OUTLIER_MIN_LABELS and left_share is not None and not low <= left_share <= high:
+    if (side_picks >= OUTLIER_MIN_LABELS and left_share is not None and not low <= left_share <= high
+            and _fair_coin_p(heads=round(left_share * side_picks), tosses=side_picks) < OUTLIER_LEFT_SHARE_P):
         reasons.append(f"picks the left side {left_share:.0%} of the time")
     if (gold_comparisons >= OUTLIER_GOLD_MIN_ANSWERS and gold_accuracy is not None
             and gold_accuracy < OUTLIER_GOLD_ACCURACY_MIN):

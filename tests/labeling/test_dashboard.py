@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from datetime import UTC, datetime
 
@@ -410,7 +411,7 @@ def test_guidelines_are_compared_and_stored_with_the_line_breaks_typed_not_those
 
 
 def test_outlier_rule():
-    ok = {"side_picks": 50, "left_share": 0.5, "gold_comparisons": 20, "gold_accuracy": 0.9, "timed": 50,
+    ok = {"side_picks": 200, "left_share": 0.5, "gold_comparisons": 20, "gold_accuracy": 0.9, "timed": 50,
           "median_seconds": 12.0, "agreement_pairs": 40, "agreement": 0.8}
     assert selectors.labeler_outlier_reasons(**ok) == []
     assert selectors.labeler_outlier_reasons(**{**ok, "left_share": 0.65}) == []
@@ -418,6 +419,11 @@ def test_outlier_rule():
     assert selectors.labeler_outlier_reasons(**{**ok, "left_share": 0.2}) == ["picks the left side 20% of the time"]
     # Too few picks of a side to judge position bias.
     assert selectors.labeler_outlier_reasons(**{**ok, "side_picks": 19, "left_share": 0.9}) == []
+    # Outside the band, but a fair coin lands there often enough: 33 of 50 (p 0.03), 16 of 20 (p 0.01).
+    assert selectors.labeler_outlier_reasons(**{**ok, "side_picks": 50, "left_share": 0.66}) == []
+    assert selectors.labeler_outlier_reasons(**{**ok, "side_picks": 20, "left_share": 0.8}) == []
+    assert selectors.labeler_outlier_reasons(**{**ok, "side_picks": 20, "left_share": 0.85}) == [
+        "picks the left side 85% of the time"]
     assert selectors.labeler_outlier_reasons(**{**ok, "gold_accuracy": 0.65}) == ["gold accuracy 65% (13 of 20)"]
     assert selectors.labeler_outlier_reasons(**{**ok, "gold_accuracy": 0.7}) == []
     assert selectors.labeler_outlier_reasons(**{**ok, "median_seconds": 2.5}) == ["median 2.5 s per comparison"]
@@ -429,6 +435,23 @@ def test_outlier_rule():
     assert len(selectors.labeler_outlier_reasons(side_picks=30, left_share=0.9, gold_comparisons=10, gold_accuracy=0.1,
                                                  timed=30, median_seconds=0.5, agreement_pairs=30,
                                                  agreement=0.2)) == 4
+
+
+def test_a_fair_labeler_is_flagged_for_position_bias_at_most_one_time_in_a_hundred():
+    """The chance that a labeler who picks each side half of the time gets the flag, summed exactly over every
+    count of left picks, at each number of side picks from the minimum up."""
+    ok = {"gold_comparisons": 0, "gold_accuracy": None, "timed": 0, "median_seconds": None, "agreement_pairs": 0,
+          "agreement": None}
+    rates = {}
+    for picks in [*range(selectors.OUTLIER_MIN_LABELS, 121), 500, 2000]:
+        flagged = [left for left in range(picks + 1)
+                   if selectors.labeler_outlier_reasons(side_picks=picks, left_share=left / picks, **ok)]
+        rates[picks] = sum(math.comb(picks, left) for left in flagged) / 2**picks
+        # Flags are the two tails: everything at least as far from half as the least extreme flagged count.
+        assert flagged and flagged == [left for left in range(picks + 1) if abs(left - picks / 2) >= abs(
+            min(flagged, key=lambda left: abs(left - picks / 2)) - picks / 2)]
+    assert max(rates.values()) <= 0.01, max(rates.items(), key=lambda item: item[1])
+    assert rates[20] == pytest.approx(2 * sum(math.comb(20, k) for k in range(4)) / 2**20)  # 17 or more of 20
 
 
 @pytest.mark.django_db
