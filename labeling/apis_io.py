@@ -67,7 +67,8 @@ class PreferencesImportApi(APIView):
         report = imports.preferences_import(project=project, stream=upload.file,
                                             format=data.validated_data["format"])
         return Response(self.OutputSerializer(report.as_dict()).data,
-                        status=status.HTTP_201_CREATED if report.pairs_created else status.HTTP_200_OK)
+                        status=status.HTTP_201_CREATED if report.pairs_created or report.comparisons_created
+                        else status.HTTP_200_OK)
 
 
 class PreferencesExportApi(APIView):

@@ -5,9 +5,11 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from django.db.models import CharField, Func, Q
+
 from labeling.errors import DomainError
 from labeling.imports import hh_transcript_build
-from labeling.models import Comparison, Project
+from labeling.models import Comparison, Project, Prompt
 from labeling.selectors import PreferenceRow, preference_rows
 
 FORMATS = ("trl", "hh", "comparisons")
@@ -18,17 +20,44 @@ def _line(value: dict[str, Any]) -> str:
     return json.dumps(value, ensure_ascii=False) + "\n"
 
 
-def _trl_row(row: PreferenceRow) -> dict[str, Any]:
-    if isinstance(row.prompt, list):
+class _JSONType(Func):
+    """The type of a JSON value: 'array' for a list, on PostgreSQL and SQLite alike."""
+
+    function = "JSONB_TYPEOF"
+    output_field = CharField()
+
+    def as_sqlite(self, compiler, connection, **extra_context):
+        return super().as_sql(compiler, connection, function="JSON_TYPE", **extra_context)
+
+
+def _trl_layout(project: Project) -> tuple[bool, bool]:
+    """Whether every TRL row of the project must be conversational, and whether every row must carry a margin.
+
+    TRL reads one layout per file (it looks at the first row), and its reward collator needs a number in every
+    row's margin. So where any labeled pair has a chat prompt, string prompts are written as one user message,
+    as training reads them (rewards.training.data.prompt_messages), and where any label carries a margin or a
+    strength, a pair without one gets 0.0, as training gives it."""
+    conversational = (Prompt.objects.filter(project=project, pairs__label_count__gt=0)
+                      .annotate(kind=_JSONType("content")).filter(kind="array").exists())
+    margins = Comparison.objects.filter(project=project).filter(
+        Q(margin__isnull=False) | Q(strength__isnull=False)).exists()
+    return conversational, margins
+
+
+def _trl_row(row: PreferenceRow, *, conversational: bool, margins: bool) -> dict[str, Any]:
+    prompt = [{"role": "user", "content": row.prompt}] if conversational and isinstance(row.prompt, str) else row.prompt
+    if isinstance(prompt, list):
         out: dict[str, Any] = {
-            "prompt": row.prompt,
+            "prompt": prompt,
             "chosen": [{"role": "assistant", "content": row.chosen}],
             "rejected": [{"role": "assistant", "content": row.rejected}],
         }
     else:
-        out = {"prompt": row.prompt, "chosen": row.chosen, "rejected": row.rejected}
+        out = {"prompt": prompt, "chosen": row.chosen, "rejected": row.rejected}
     if row.margin is not None:
         out["margin"] = row.margin
+    elif margins:
+        out["margin"] = 0.0
     return out
 
 
@@ -79,7 +108,8 @@ def preferences_export(*, project: Project, format: str) -> Iterator[str]:
     """JSONL lines of the project in one of FORMATS, streamed from the database with constant memory.
 
     `trl` and `hh` hold one row per decided pair (majority of its labels, see selectors.preference_rows);
-    `trl` is TRL's conversational format for chat prompts and its standard format for string prompts.
+    `trl` is TRL's conversational format for chat prompts and its standard format for string prompts, one
+    layout and margins on all rows or none within a file (see _trl_layout).
     `comparisons` holds every raw label. The format is checked before the first line is produced."""
     if format not in FORMATS:
         raise DomainError(f"Unknown format '{format}'; use one of {', '.join(FORMATS)}.", field="format")
@@ -91,6 +121,10 @@ def _generate(*, project: Project, format: str) -> Iterator[str]:
         for value in _comparison_rows(project):
             yield _line(value)
         return
-    build = _trl_row if format == "trl" else _hh_row
+    if format == "hh":
+        for row in preference_rows(project=project, chunk_size=CHUNK_SIZE):
+            yield _line(_hh_row(row))
+        return
+    conversational, margins = _trl_layout(project)
     for row in preference_rows(project=project, chunk_size=CHUNK_SIZE):
-        yield _line(build(row))
+        yield _line(_trl_row(row, conversational=conversational, margins=margins))

@@ -235,9 +235,15 @@ def _margin(row: dict[str, Any]) -> float | None:
     value = row.get("margin")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadLine(f"'margin' must be a finite number, got {_type_name(value)}")
-    return float(value)
+    try:
+        margin = float(value)
+    except OverflowError:  # an integer literal of hundreds of digits: JSON reads any length as an int
+        raise BadLine("'margin' is out of range")
+    if not math.isfinite(margin):
+        raise BadLine(f"'margin' must be a finite number, got {_type_name(value)}")
+    return margin
 
 
 def _distinct(chosen: str, rejected: str) -> None:

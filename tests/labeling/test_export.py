@@ -69,7 +69,29 @@ def test_trl_export_is_conversational_for_chat_prompts_and_standard_for_strings(
     _import_rows(other, "trl", {"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5},
                  {"prompt": "3+3?", "chosen": "6", "rejected": "7"})
     assert _export(other, "trl") == [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5},
-                                     {"prompt": "3+3?", "chosen": "6", "rejected": "7"}]
+                                     {"prompt": "3+3?", "chosen": "6", "rejected": "7", "margin": 0.0}]
+
+
+@pytest.mark.django_db
+def test_trl_export_writes_one_layout_and_a_margin_on_every_row_when_the_project_mixes_them(project):
+    # TRL reads one layout per file (it looks at the first row) and its reward collator needs a number in every
+    # row's margin: a project with string and chat prompts, and margins on some pairs only, must not mix them.
+    hi = [{"role": "user", "content": "Hi"}]
+    _import_rows(project, "trl", {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+                 {"prompt": hi, "chosen": [{"role": "assistant", "content": "Hello."}],
+                  "rejected": [{"role": "assistant", "content": "Go."}], "margin": 2.0})
+    assert _export(project, "trl") == [
+        {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}], "margin": 0.0},
+        {"prompt": hi, "chosen": [{"role": "assistant", "content": "Hello."}],
+         "rejected": [{"role": "assistant", "content": "Go."}], "margin": 2.0},
+    ]
+    # The HH export is unchanged: a string prompt is already one Human turn there, and no margin is made up.
+    assert _export(project, "hh") == [
+        {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go.",
+         "margin": 2.0},
+    ]
 
 
 @pytest.mark.django_db

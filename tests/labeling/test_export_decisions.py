@@ -175,13 +175,23 @@ STANDARD_ROWS = [{"prompt": "  2 + 2 = ?\n", "chosen": "4", "rejected": "«5»\r
 
 @pytest.mark.django_db
 def test_a_trl_export_imports_back_to_the_same_rows(tmp_path):
-    project = ProjectFactory()
-    _import(project, "trl", CHAT_ROWS + STANDARD_ROWS)
-    exported = _export(project, "trl")
+    chat, standard, mixed = ProjectFactory(), ProjectFactory(), ProjectFactory()
+    _import(chat, "trl", CHAT_ROWS)
+    _import(standard, "trl", STANDARD_ROWS)
+    _import(mixed, "trl", CHAT_ROWS + STANDARD_ROWS)
+    exported = _export(chat, "trl")
     assert exported[0] == CHAT_ROWS[0]
-    assert exported[1]["prompt"] == [{"role": "user", "content": "Implicit prompt?"}]
-    assert exported[2:] == STANDARD_ROWS
-    assert _round_trip(project, "trl", tmp_path, "trl-again") == exported
+    # A row without a margin, in a file where others have one, carries 0.0: the value training gives it.
+    assert exported[1] == {"prompt": [{"role": "user", "content": "Implicit prompt?"}],
+                           "chosen": [{"role": "assistant", "content": "Yes."}],
+                           "rejected": [{"role": "assistant", "content": "No."}], "margin": 0.0}
+    assert _export(standard, "trl") == [STANDARD_ROWS[0], {**STANDARD_ROWS[1], "margin": 0.0}]
+    # String and chat prompts in one project: one conversational file, a string prompt as one user message.
+    assert _export(mixed, "trl")[2] == {
+        "prompt": [{"role": "user", "content": "  2 + 2 = ?\n"}], "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "«5»\r\n"}], "margin": -0.5}
+    for project, slug in ((chat, "chat-again"), (standard, "standard-again"), (mixed, "mixed-again")):
+        assert _round_trip(project, "trl", tmp_path, slug) == _export(project, "trl")
 
 
 @pytest.mark.django_db

@@ -195,6 +195,24 @@ def test_trl_bad_lines(project):
     assert Response.objects.filter(project=project).count() == 2
 
 
+@pytest.mark.django_db
+def test_a_margin_written_as_an_integer_too_large_for_a_float_is_a_bad_line(project):
+    # JSON reads an integer literal of any length (up to 4,300 digits) as an int, which no float can hold.
+    huge = "1" + "0" * 400
+    report = _import(
+        project, "trl",
+        f'{{"prompt": "q", "chosen": "a", "rejected": "b", "margin": {huge}}}',
+        {"prompt": "kept", "chosen": "a", "rejected": "b", "margin": 10**20},
+    )
+    assert _bad(report) == [(1, "'margin' is out of range")]
+    assert _pairs(project) == {("kept", "a", "b")}
+    assert Comparison.objects.get(project=project).margin == 1e20
+    transcript = "\\n\\nHuman: q\\n\\nAssistant: "
+    hh = _import(project, "hh", f'{{"chosen": "{transcript}a", "rejected": "{transcript}b", "margin": -{huge}}}')
+    assert _bad(hh) == [(1, "'margin' is out of range")]
+    assert hh.pairs_created == 0
+
+
 # --- candidates ------------------------------------------------------------------------------------------
 
 
@@ -416,6 +434,23 @@ def test_command_fails_when_no_line_of_the_file_could_be_imported(project, tmp_p
         call_command("import_preferences", str(mixed), project=project.slug, format="trl", no_progress=True,
                      stdout=io.StringIO(), stderr=io.StringIO())
     assert Pair.objects.filter(project=project).count() == 1
+
+
+@pytest.mark.django_db
+def test_a_file_that_only_labels_pairs_already_in_the_project_is_an_import_not_a_failure(project, manager, tmp_path):
+    # Candidates first, the team's labels later: the labels file creates comparisons but no pair.
+    _import(project, "candidates", {"prompt": "p", "responses": ["x", "y"]}, {"prompt": "q", "responses": ["u", "v"]})
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"prompt": "p", "chosen": "y", "rejected": "x"}\nnot json\n', encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    call_command("import_preferences", str(labels), project=project.slug, format="trl", no_progress=True,
+                 stdout=out, stderr=err)
+    assert "2 lines read: 0 pairs created, 1 comparisons created, 0 duplicates skipped, 1 bad lines." in out.getvalue()
+    assert "line 2: invalid JSON" in err.getvalue()
+    response = _upload(manager, project, fmt="trl", content=b'{"prompt": "q", "chosen": "u", "rejected": "v"}\n')
+    assert response.status_code == 201
+    assert (response.json()["pairs_created"], response.json()["comparisons_created"]) == (0, 1)
+    assert Comparison.objects.filter(project=project, source="import").count() == 2
 
 
 @pytest.mark.django_db

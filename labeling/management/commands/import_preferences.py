@@ -91,6 +91,7 @@ class Command(BaseCommand):
             self.stderr.write(f"line {bad['line']}: {bad['reason']}")
         if report.bad_lines_truncated:
             self.stderr.write(f"... and {report.bad_line_count - len(report.bad_lines)} more bad lines.")
-        if report.bad_line_count and not (report.pairs_created or report.duplicates_skipped):
+        if report.bad_line_count and not (report.pairs_created or report.comparisons_created
+                                          or report.duplicates_skipped):
             # A script must not take a file of which nothing could be read for a successful import.
             raise CommandError(f"Nothing was imported: every line was bad. Is the file in the '{format}' format?")
