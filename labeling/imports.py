@@ -258,10 +258,14 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def hh_transcript_parse(transcript: str, name: str) -> Messages:
-    """Split an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into chat messages."""
+    """Split an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") into chat messages. Some copies of
+    the data set drop the blank line before the first turn ("Human: ..."): read the same."""
+    head = transcript.lstrip()
+    if head.startswith("Human:") and not transcript.startswith("\n\nHuman:"):
+        transcript = "\n\n" + head
     parts = _HH_TURN.split(transcript)
     if parts[0].strip():
-        raise BadLine(f"'{name}' must start with '\\n\\nHuman:'")
+        raise BadLine(f"'{name}' must start with a 'Human:' turn")
     messages = []
     for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
         messages.append({"role": _HH_ROLES[speaker], "content": content[1:] if content.startswith(" ") else content})

@@ -92,6 +92,18 @@ def test_reimporting_the_same_file_creates_nothing_and_counts_duplicates(project
 
 
 @pytest.mark.django_db
+def test_hh_transcripts_without_the_leading_blank_line_read_as_the_original(project):
+    """Some copies of HH-RLHF start a transcript with "Human:" instead of "\\n\\nHuman:": the same pair, not a bad
+    line (and not a second pair beside the original)."""
+    stripped = {key: value.lstrip("\n") for key, value in _hh("Hi?", "Hello!", "Go away.").items()}
+    assert stripped["chosen"].startswith("Human: Hi?")
+    report = _import(project, "hh", stripped, {key: " " + value for key, value in stripped.items()},
+                     _hh("Hi?", "Hello!", "Go away."))
+    assert _bad(report) == []
+    assert (report.pairs_created, report.duplicates_skipped) == (1, 2)
+    assert _pairs(project) == {(json.dumps([{"role": "user", "content": "Hi?"}]), "Hello!", "Go away.")}
+
+
 def test_hh_bad_lines_are_reported_with_their_number_and_the_good_ones_kept(project, settings):
     settings.PREFLAB = {**settings.PREFLAB, "IMPORT_MAX_LINE_BYTES": 300}
     report = _import(
@@ -121,7 +133,7 @@ def test_hh_bad_lines_are_reported_with_their_number_and_the_good_ones_kept(proj
     assert reasons[6] == "'chosen' must be a string, got a number"
     assert reasons[7] == "'chosen' and 'rejected' are identical"
     assert reasons[8] == "line is longer than 300 bytes"
-    assert reasons[10] == "'chosen' must start with '\\n\\nHuman:'"
+    assert reasons[10] == "'chosen' must start with a 'Human:' turn"
     assert reasons[11] == "'chosen' must end with an assistant reply, ends with 'user'"
     assert reasons[12] == "the transcripts have no turns before the last assistant reply"
     assert "NUL" in reasons[13]
