@@ -17,4 +17,5 @@ urlpatterns = [
     path("<slug:slug>/members/", views.MemberSetView.as_view(), name="member-set"),
     path("<slug:slug>/members/remove/", views.MemberRemoveView.as_view(), name="member-remove"),
     path("<slug:slug>/guidelines/", views.GuidelinesView.as_view(), name="guidelines"),
+    path("<slug:slug>/settings/", views.ProjectSettingsView.as_view(), name="project-settings"),
 ]

@@ -1,5 +1,5 @@
-"""Manager dashboard pages: projects overview, a project's statistics, reranking and its API keys, import/export,
-members and guidelines."""
+"""Manager dashboard pages: projects overview and new projects, a project's statistics, reranking and its API keys,
+import/export, members, settings and guidelines."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,6 +15,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, Stream
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.cache import patch_cache_control
+from django.utils.text import slugify
 from django.views import View
 
 from labeling import exports, imports, selectors, services, stats
@@ -59,6 +60,93 @@ class GuidelinesForm(forms.Form):
     guidelines = TextareaField(required=False, max_length=100_000, widget=forms.Textarea)
 
 
+class ProjectFieldsForm(forms.Form):
+    """The settings services.project_update changes, bounded as the API bounds them. The initial values are those
+    of a new project (services.project_create's defaults)."""
+
+    name = forms.CharField(max_length=200)
+    labels_per_pair = forms.IntegerField(
+        label="Labels per pair", min_value=1, max_value=50, initial=1,
+        help_text="How many labelers answer each pair before it is complete (1 to 50).")
+    allow_tie = forms.BooleanField(label="Allow “tie”", required=False, initial=True)
+    allow_both_bad = forms.BooleanField(label="Allow “both bad”", required=False, initial=True)
+    strength_scale = forms.ChoiceField(label="Strength scale", choices=Project.StrengthScale.choices,
+                                       initial=Project.StrengthScale.NONE,
+                                       help_text="Whether labelers also say how much better the chosen answer is.")
+    gold_rate = forms.FloatField(label="Gold rate", min_value=0.0, max_value=1.0, initial=0.0,
+                                 help_text="Share of assignments that are gold pairs, from 0 to 1.")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+
+
+class ProjectSettingsForm(ProjectFieldsForm):
+    """A project's settings as its page shows them. Each input carries, hidden beside it, the value it was shown
+    with, so that the form knows which settings the person changed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "settings-%s")
+        super().__init__(*args, **kwargs)
+        for field in self.fields.values():
+            field.show_hidden_initial = True
+
+    def changes(self, *, stored: dict[str, Any]) -> dict[str, Any]:
+        """The settings to write: those that differ from the value the form was shown with, or from the stored
+        value when the post does not say what it was shown with. A setting that another request changed since
+        the page was shown, and that is left alone here, is not written back with its old value."""
+        changed = set(self.changed_data)
+        return {name: self.cleaned_data[name] for name in self.fields
+                if (name in changed if self[name].html_initial_name in self.data
+                    else self.cleaned_data[name] != stored[name])}
+
+
+class ProjectCreateForm(ProjectFieldsForm):
+    """A new project: its settings, plus the slug (made from the name when left blank) and the guidelines."""
+
+    slug = forms.SlugField(
+        max_length=100, required=False,
+        help_text="Letters, digits, hyphens and underscores; it is part of the project's URLs and cannot be changed "
+                  "later. Leave it blank to make one from the name.")
+    guidelines = TextareaField(required=False, max_length=100_000, widget=forms.Textarea(attrs={"rows": 6}),
+                               help_text="Markdown shown to labelers above every pair; it can be edited later.")
+
+    field_order = ["name", "slug", "labels_per_pair", "allow_tie", "allow_both_bad", "strength_scale", "gold_rate",
+                   "guidelines"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_id", "new-project-%s")
+        super().__init__(*args, **kwargs)
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if not cleaned.get("slug") and "slug" not in self.errors and cleaned.get("name"):
+            # Cut at the column's length, then drop separators left dangling at the cut.
+            slug = slugify(cleaned["name"])[:100].strip("-_")
+            if slug:
+                cleaned["slug"] = slug
+            else:
+                self.add_error("slug", "No slug can be made from this name: enter one.")
+        return cleaned
+
+
+def _settings_of(project: Project) -> dict[str, Any]:
+    return {name: getattr(project, name) for name in ProjectFieldsForm.base_fields}
+
+
+def _refused(form: forms.Form, exc: DomainError) -> None:
+    """Show a service's refusal next to the field it names, or above the form when it names none of them."""
+    form.add_error(exc.field if exc.field in form.fields else None, exc.message)
+
+
+def _focus_first_error(form: forms.Form) -> None:
+    """The first field in error takes the focus when the page comes back, so a keyboard user starts there."""
+    for name in form.fields:
+        if name in form.errors:
+            form.fields[name].widget.attrs["autofocus"] = True
+            return
+
+
 def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
                   **extra: Any) -> HttpResponse:
     project_stats = stats.project_stats(project=project)
@@ -82,6 +170,7 @@ def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
         "reward_model": reward_model_deployed(project=project),
         "rerank": rerank_usage(project=project),
         "api_keys": selectors.api_key_list(project=project),
+        "settings_form": ProjectSettingsForm(initial=_settings_of(project)),
         "outlier_rule": {
             "min_labels": selectors.OUTLIER_MIN_LABELS, "left_band": selectors.OUTLIER_LEFT_SHARE_BAND,
             "left_p": f"{selectors.OUTLIER_LEFT_SHARE_P:.0%}",
@@ -95,27 +184,53 @@ def _project_page(request: HttpRequest, project: Project, *, status: int = 200,
     return render(request, "labeling/dashboard/project.html", context, status=status)
 
 
+def _overview_page(request: HttpRequest, *, create_form: ProjectCreateForm | None = None,
+                   status: int = 200) -> HttpResponse:
+    projects = list(selectors.project_list_managed_by(user=request.user))
+    if not projects and not request.user.is_staff:
+        raise PermissionDenied("The dashboard is for project managers.")
+    activity = selectors.project_recent_activity(projects=projects)
+    pairs = stats.pair_counts_by_project(projects=projects)
+    deployed = reward_models_deployed(projects=projects)
+    agreement = stats.agreement_summary_by_project(projects=projects)
+    rows = []
+    for project in projects:
+        reward_model = deployed.get(project.pk)
+        rows.append({
+            "project": project,
+            "pairs": pairs[project.pk],
+            "activity": activity[project.pk],
+            "agreement": agreement[project.pk],
+            "reward_model": reward_model,
+            "held_out_accuracy": (reward_model.metrics or {}).get(HELD_OUT_ACCURACY_KEY) if reward_model else None,
+        })
+    # Creating a project is for admins, as in the API (ProjectCreateApi): no one else sees the form.
+    if create_form is None and request.user.is_staff:
+        create_form = ProjectCreateForm()
+    return render(request, "labeling/dashboard/overview.html", {"rows": rows, "create_form": create_form},
+                  status=status)
+
+
 class DashboardView(LoginRequiredMixin, View):
     def get(self, request: HttpRequest) -> HttpResponse:
-        projects = list(selectors.project_list_managed_by(user=request.user))
-        if not projects and not request.user.is_staff:
-            raise PermissionDenied("The dashboard is for project managers.")
-        activity = selectors.project_recent_activity(projects=projects)
-        pairs = stats.pair_counts_by_project(projects=projects)
-        deployed = reward_models_deployed(projects=projects)
-        agreement = stats.agreement_summary_by_project(projects=projects)
-        rows = []
-        for project in projects:
-            reward_model = deployed.get(project.pk)
-            rows.append({
-                "project": project,
-                "pairs": pairs[project.pk],
-                "activity": activity[project.pk],
-                "agreement": agreement[project.pk],
-                "reward_model": reward_model,
-                "held_out_accuracy": (reward_model.metrics or {}).get(HELD_OUT_ACCURACY_KEY) if reward_model else None,
-            })
-        return render(request, "labeling/dashboard/overview.html", {"rows": rows})
+        return _overview_page(request)
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        """Create a project from the overview's form and go to its page."""
+        if not request.user.is_staff:
+            raise PermissionDenied("Only admins create projects.")
+        form = ProjectCreateForm(request.POST)
+        if not form.is_valid():
+            _focus_first_error(form)
+            return _overview_page(request, create_form=form, status=400)
+        try:
+            project = services.project_create(created_by=request.user, **form.cleaned_data)
+        except DomainError as exc:  # a slug that is taken or reserved
+            _refused(form, exc)
+            _focus_first_error(form)
+            return _overview_page(request, create_form=form, status=exc.status_code)
+        messages.success(request, f"The project {project.name} was created; you are its manager.")
+        return redirect("dashboard:project", slug=project.slug)
 
 
 class ProjectDashboardView(LoginRequiredMixin, View):
@@ -314,4 +429,30 @@ class GuidelinesView(LoginRequiredMixin, View):
                           {"project": project, "text": text, "preview": text, "unsaved": text != project.guidelines})
         services.project_update(project=project, guidelines=text)
         messages.success(request, "Guidelines saved.")
+        return redirect("dashboard:project", slug=project.slug)
+
+
+class ProjectSettingsView(LoginRequiredMixin, View):
+    """Change the project's settings from the form on its page, through services.project_update."""
+
+    def post(self, request: HttpRequest, slug: str) -> HttpResponse:
+        project = managed_project(request, slug)
+        stored = _settings_of(project)
+        form = ProjectSettingsForm(request.POST, initial=stored)
+        if not form.is_valid():
+            _focus_first_error(form)
+            return _project_page(request, project, status=400, settings_form=form)
+        changes = form.changes(stored=stored)
+        if not changes:
+            messages.info(request, "Nothing to save: no setting was changed.")
+            return redirect("dashboard:project", slug=project.slug)
+        try:
+            project = services.project_update(project=project, **changes)
+        except DomainError as exc:
+            _refused(form, exc)
+            _focus_first_error(form)
+            return _project_page(request, project, status=exc.status_code, settings_form=form)
+        changed = ", ".join(str(form[name].label).lower() for name in changes)
+        messages.success(request, f"Settings saved ({changed}).")
+        # To the top of the page, where the message is, as after the other forms of the page.
         return redirect("dashboard:project", slug=project.slug)
