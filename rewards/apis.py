@@ -5,6 +5,7 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema
 from rest_framework import serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from labeling.apis import ErrorSerializer
@@ -14,6 +15,32 @@ from rewards import selectors, services
 from rewards.models import Policy, RewardModel, TrainingRun
 
 ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 409, 503)}
+
+# The most runs one page of /training-runs/ holds: each carries its metrics history and log tail.
+RUNS_MAX_LIMIT = 200
+# PostgreSQL's OFFSET is a bigint; past it the query fails instead of finding nothing.
+OFFSET_MAX = 2**63 - 1
+
+
+class QueryParamsSerializer(StrictInputSerializer):
+    """Query parameters, each named at most once and never blank: a misspelt, repeated or empty filter would
+    otherwise be dropped (or all but one value of it), and the caller shown a list it did not ask for. DRF's own
+    `?format=` (the renderer) is left to DRF."""
+
+    def to_internal_value(self, data):
+        if hasattr(data, "getlist"):
+            data = data.copy()
+            data.pop(api_settings.URL_FORMAT_OVERRIDE, None)
+            errors = {name: ["Give this parameter once."] for name in data if len(data.getlist(name)) > 1}
+            errors.update({name: ["This parameter may not be blank."] for name in data
+                           if name in self.fields and name not in errors and data.get(name) == ""})
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)
+
+
+class RunsPagination(LimitOffsetPagination):
+    max_limit = RUNS_MAX_LIMIT
 
 
 class TrainingRunProducedOutput(serializers.Serializer):
@@ -51,8 +78,14 @@ class TrainingRunOutput(serializers.ModelSerializer):
 
     def get_dataset(self, run: TrainingRun) -> dict:
         return {"export_policy": run.export_policy, "content_hash": run.dataset_hash, "pairs": run.pair_count,
-                "comparisons": len(run.comparison_ids), "train_pairs": run.train_count, "eval_pairs": run.eval_count,
+                "comparisons": _comparison_count(run), "train_pairs": run.train_count, "eval_pairs": run.eval_count,
                 "eval_fraction": run.eval_fraction, "split_seed": run.split_seed}
+
+
+def _comparison_count(run: TrainingRun) -> int:
+    # Counted by the query when the run came from the selectors, which leave its id lists unread.
+    count = getattr(run, "comparison_count", None)
+    return len(run.comparison_ids) if count is None else count
 
 
 class RewardModelOutput(serializers.ModelSerializer):
@@ -114,13 +147,18 @@ class TrainingRunStartApi(APIView):
 
 class TrainingRunListApi(APIView):
     # Named on the view so that the schema documents the page envelope and its limit/offset parameters.
-    pagination_class = LimitOffsetPagination
+    pagination_class = RunsPagination
 
     # Not "InputSerializer": TrainingRunCollectionApi inherits this view and the start view's InputSerializer.
-    class FilterSerializer(serializers.Serializer):
+    class FilterSerializer(QueryParamsSerializer):
         project = serializers.SlugField(required=False)
         status = serializers.ChoiceField(choices=TrainingRun.Status.choices, required=False)
         kind = serializers.ChoiceField(choices=TrainingRun.Kind.choices, required=False)
+        # Read by the paginator; checked here, since it quietly falls back to its defaults on a bad value.
+        limit = serializers.IntegerField(required=False, min_value=1, max_value=RUNS_MAX_LIMIT,
+                                         help_text=f"Runs per page, 1 to {RUNS_MAX_LIMIT} (50 by default).")
+        offset = serializers.IntegerField(required=False, min_value=0, max_value=OFFSET_MAX,
+                                          help_text="How many runs to skip, newest first.")
 
     @extend_schema(parameters=[FilterSerializer], responses={200: TrainingRunOutput(many=True), **ERRORS})
     def get(self, request):
@@ -150,7 +188,7 @@ class TrainingRunCancelApi(APIView):
         return Response(TrainingRunOutput(run).data)
 
 
-class ProjectQuerySerializer(serializers.Serializer):
+class ProjectQuerySerializer(QueryParamsSerializer):
     """`?project=<slug>`: the registry lists are per project."""
 
     project = serializers.SlugField()

@@ -18,6 +18,9 @@ from transformers import TrainerCallback
 from rewards.models import TrainingRun
 
 LOG_TAIL_LINES = 50
+# The most seconds eta_seconds holds (a 32-bit column): a longer estimate is written as this, not refused by the
+# database, which would fail the run.
+ETA_MAX_SECONDS = 2**31 - 1
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ class RunProgressCallback(TrainerCallback):
             return None
         elapsed = time.monotonic() - self._started
         remaining = max(state.max_steps - state.global_step, 0)
-        return int(elapsed / done * remaining)
+        return min(int(elapsed / done * remaining), ETA_MAX_SECONDS)
 
     def _write(self, state, *, force: bool = False) -> bool:
         now = time.monotonic()

@@ -133,6 +133,9 @@ def training_base_model_validate(*, base_model: str) -> None:
         base_model_check(base_model)
     except HyperparameterError as exc:
         raise DomainError(exc.message, field="base_model", code="invalid_base_model")
+    except OSError as exc:  # a name too long for the file system, a folder this process may not read
+        raise DomainError(f"{base_model} cannot be read as a model folder: {exc.strerror or exc}.",
+                          field="base_model", code="invalid_base_model")
 
 
 # --- the dataset snapshot -------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
         # The API's bounds, for every caller (`train --seed`): the run stores it in a 32-bit column.
         raise DomainError(f"seed must be a whole number from 0 to {SEED_MAX}.", field="seed")
     if restrict_to_import_dirs and base_model and base_model.lower() not in EMBEDDED_BASE_MODELS \
-            and not _import_allowed(Path(base_model).expanduser().resolve(), project=project):
+            and not ((folder := _absolute(base_model)) and _import_allowed(folder, project=project)):
         # Checked before the folder is looked at, so the answer tells nothing about what else is on the server.
         raise DomainError(f"{base_model} is neither an embedded model (minilm, smollm2) nor a folder under "
                           "PREFLAB_MODEL_IMPORT_DIRS or in one of this project's runs; models are not downloaded.",
@@ -858,17 +861,29 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
                    "tokenizer.model")
 
 
+def _absolute(path: str | Path) -> Path | None:
+    """The folder a user named, `~` expanded and links followed; None for a name that names no folder at all (the
+    home of a user this machine does not have, a loop of links)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
 def _import_allowed(path: Path, *, project: Project) -> bool:
     """A folder under one of the import folders, or inside one of the project's own runs: another project's runs
-    are its data, never this one's to register or train from."""
+    are its data, never this one's to register or train from, and neither are their checkpoints, even under an
+    import folder that holds the artifacts."""
+    for kept in ("runs", "checkpoints"):
+        folder = (Path(settings.PREFLAB["ARTIFACTS_DIR"]) / kept).resolve()
+        if folder in path.parents:
+            run_id = path.relative_to(folder).parts[0]
+            if not (run_id.isdigit() and TrainingRun.objects.filter(pk=int(run_id), project=project).exists()):
+                return False
+            if kept == "runs":
+                return True
     roots = [Path(root).resolve() for root in settings.PREFLAB["MODEL_IMPORT_DIRS"]]
-    if any(path == root or root in path.parents for root in roots):
-        return True
-    runs = (Path(settings.PREFLAB["ARTIFACTS_DIR"]) / "runs").resolve()
-    if runs not in path.parents:
-        return False
-    run_id = path.relative_to(runs).parts[0]
-    return run_id.isdigit() and TrainingRun.objects.filter(pk=int(run_id), project=project).exists()
+    return any(path == root or root in path.parents for root in roots)
 
 
 def _safetensors_problem(file: Path) -> str | None:
@@ -936,9 +951,18 @@ def _weights_problem(folder: Path) -> str | None:
 
 def reward_model_folder_check(*, path: str | Path) -> Any:
     """Check that a folder holds a sequence-classification model with a single output; return its config."""
+    folder = _absolute(path)
+    if folder is None:
+        raise DomainError(f"No folder at '{path}'.", field="path", code="not_found")
+    try:
+        return _reward_model_folder_check(folder, path=path)
+    except OSError as exc:  # a name too long for the file system, a folder this process may not read
+        raise DomainError(f"'{path}' cannot be read: {exc.strerror or exc}.", field="path", code="unreadable")
+
+
+def _reward_model_folder_check(folder: Path, *, path: str | Path) -> Any:
     from transformers import AutoConfig
 
-    folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DomainError(f"No folder at '{path}'.", field="path", code="not_found")
     if not (folder / "config.json").is_file():
@@ -972,11 +996,13 @@ def reward_model_register(*, project: Project, path: str | Path, created_by: Abs
                           restrict_to_import_dirs: bool = False, deploy: bool = False) -> RewardModel:
     """Register a reward model trained elsewhere as the project's next version. The folder is referenced in
     place, not copied; `restrict_to_import_dirs` (the API) only accepts folders under the configured roots."""
-    folder = Path(path).expanduser().resolve()
-    if restrict_to_import_dirs and not _import_allowed(folder, project=project):
+    folder = _absolute(path)
+    if restrict_to_import_dirs and not (folder and _import_allowed(folder, project=project)):
         raise DomainError(f"'{path}' is outside the folders models may be registered from "
                           "(PREFLAB_MODEL_IMPORT_DIRS, or this project's runs).", field="path",
                           code="path_not_allowed")
+    if folder is None:
+        raise DomainError(f"No folder at '{path}'.", field="path", code="not_found")
     config = reward_model_folder_check(path=folder)
     base_model = str(getattr(config, "_name_or_path", "") or "")
     with transaction.atomic():
@@ -999,9 +1025,20 @@ def reward_model_deploy(*, reward_model: RewardModel, deployed_by: AbstractBaseU
     current = RewardModel.objects.filter(project_id=reward_model.project_id, is_deployed=True).first()
     if current is not None and current.pk == reward_model.pk:
         return current
-    if not (Path(reward_model.artifact_path) / "config.json").is_file():
+    folder = Path(reward_model.artifact_path)
+    if not (folder / "config.json").is_file():
         raise DomainError(f"The files of version {reward_model.version} are gone ({reward_model.artifact_path} "
                           "has no config.json).", field="reward_model", code="artifact_missing")
+    # The weights too, as registering checks them: a version whose weights were removed or cut short since would
+    # go live and fail every request that scores with it.
+    if any((folder / name).exists() for name in WEIGHT_FILES):
+        weights = _weights_problem(folder)
+    else:
+        weights = "no weights (model.safetensors or pytorch_model.bin)"
+    if weights:
+        raise DomainError(f"The weights of version {reward_model.version} cannot be loaded "
+                          f"({reward_model.artifact_path}: {weights}).", field="reward_model",
+                          code="artifact_missing")
     if current is not None:
         RewardModel.objects.filter(pk=current.pk).update(is_deployed=False)
     now = timezone.now()

@@ -30,3 +30,12 @@ def fresh_model_pools():
     generation.pool.clear()
     serving.pool.clear()
     cache.clear()
+
+
+@pytest.fixture
+def import_dir(settings, tmp_path):
+    """A folder the API may register models from (PREFLAB_MODEL_IMPORT_DIRS), and artifacts beside it."""
+    root = tmp_path / "models"
+    root.mkdir()
+    settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": [root], "ARTIFACTS_DIR": tmp_path / "artifacts"}
+    return root

@@ -29,14 +29,6 @@ def _classifier(folder, *, num_labels: int = 1):
     return folder
 
 
-@pytest.fixture
-def import_dir(settings, tmp_path):
-    root = tmp_path / "models"
-    root.mkdir()
-    settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": [root], "ARTIFACTS_DIR": tmp_path / "artifacts"}
-    return root
-
-
 @pytest.mark.django_db
 def test_deploying_keeps_one_model_live_per_project_and_logs_history(project, tmp_path):
     first = RewardModelFactory(project=project, version=1, artifact_path=str(_classifier(tmp_path / "v1")))
@@ -169,3 +161,22 @@ def test_policy_list_api_shows_the_project_versions_newest_first_with_permission
     assert client_for(outsider).get(url, {"project": project.slug}).status_code == 404
     assert client_for(manager).get(url).json()["error"]["field"] == "project"
     assert APIClient().get(url, {"project": project.slug}).status_code == 401
+
+
+@pytest.mark.django_db
+def test_deploying_a_version_whose_weights_are_gone_or_cut_short_is_refused(project, manager, tmp_path):
+    live = RewardModelFactory(project=project, version=1, artifact_path=str(_classifier(tmp_path / "live")))
+    services.reward_model_deploy(reward_model=live)
+    no_weights = _classifier(tmp_path / "no-weights")
+    (no_weights / "model.safetensors").unlink()
+    cut_short = _classifier(tmp_path / "cut-short")
+    weights = (cut_short / "model.safetensors").read_bytes()
+    (cut_short / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    for version, folder in ((2, no_weights), (3, cut_short)):
+        broken = RewardModelFactory(project=project, version=version, artifact_path=str(folder))
+        response = client_for(manager).post(f"{URL}{broken.pk}/deploy/")
+        assert response.status_code == 400, response.content
+        assert response.json()["error"]["code"] == "artifact_missing"
+        assert response.json()["error"]["field"] == "reward_model"
+    assert list(RewardModel.objects.filter(is_deployed=True)) == [live]
+    assert RewardModelDeployment.objects.count() == 1

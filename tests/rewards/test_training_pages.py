@@ -16,6 +16,7 @@ from rewards.models import RewardModel, TrainingRun
 from rewards.training.dpo import DPO_DEFAULTS
 from rewards.training.reward import REWARD_DEFAULTS
 from tests.rewards.factories import RewardModelFactory, TrainingRunFactory, labeled_pairs
+from tests.rewards.tiny import tiny_reward_model
 from worker.celery import app
 
 HISTORY = [
@@ -277,8 +278,7 @@ def test_a_labeler_cannot_cancel(project, labeler):
 @pytest.mark.django_db
 def test_deploy_button_deploys_the_runs_reward_model(project, manager, tmp_path):
     run = _finished(project)
-    (tmp_path / "config.json").write_text("{}")
-    model = RewardModelFactory(project=project, training_run=run, artifact_path=str(tmp_path),
+    model = RewardModelFactory(project=project, training_run=run, artifact_path=str(tiny_reward_model(tmp_path)),
                                metrics={"eval_accuracy": 0.9})
     client = _client(manager)
     page = client.get(f"/dashboard/runs/{run.pk}/").content.decode()

@@ -685,3 +685,22 @@ def test_the_registry_names_an_embedded_base_model_by_its_model_id_not_its_folde
     from rewards.training.common import base_model_label
 
     assert base_model_label(base_model, default=default) == label
+
+
+@pytest.mark.django_db
+def test_an_eta_past_what_the_run_can_record_is_written_as_the_most_it_holds(project, monkeypatch):
+    # eta_seconds is a 32-bit column: a slow first step of a long run (50 minutes, a million steps to go) gave an
+    # ETA past it, and the progress write failed the run.
+    from rewards import progress
+
+    run = _running(TrainingRunFactory(project=project))
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    callback = RunProgressCallback(run_id=run.pk, interval=0)
+    state = SimpleNamespace(global_step=0, max_steps=1_000_000, epoch=0.0)
+    control = SimpleNamespace(should_training_stop=False)
+    callback.on_train_begin(None, state, control)
+    clock[0], state.global_step = 3000.0, 1
+    callback.on_log(None, state, control, logs={"loss": 0.69})
+    run.refresh_from_db()
+    assert run.step == 1 and run.eta_seconds == 2**31 - 1

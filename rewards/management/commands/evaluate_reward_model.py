@@ -14,13 +14,21 @@ from rewards.models import RewardModel
 MAX_ERRORS_SHOWN = 20
 
 
+def _exists(path: Path) -> bool:
+    """Whether anything is at `path`; a name the file system cannot take (one too long) names nothing."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def resolve_model_folder(target: str) -> Path:
     """The model folder a command-line target names (a path to a saved reward model), checked as registering it
     would check it."""
     from rewards.services import reward_model_folder_check
 
     path = Path(target)
-    if not path.exists():
+    if not _exists(path):
         raise CommandError(f"No folder at {target}.")
     if not (path / "config.json").exists():
         raise CommandError(f"{target} is not a reward model folder (no config.json).")
@@ -105,7 +113,7 @@ class Command(BaseCommand):
             folder = resolve_model_folder(model)
         check_device(device)
         data = Path(file)
-        if not data.exists():
+        if not _exists(data):
             raise CommandError(f"{file} does not exist.")
         if not data.is_file():
             raise CommandError(f"{file} is not a file.")
