@@ -176,7 +176,7 @@ class TrainingRunListApi(APIView):
 class TrainingRunDetailApi(APIView):
     @extend_schema(responses={200: TrainingRunOutput, **ERRORS})
     def get(self, request, run_id: int):
-        run = selectors.training_run_get_for_user(run_id=run_id, user=request.user)
+        run = selectors.training_run_get_for_user(run_id=run_id, user=request.user, manage=True)
         return Response(TrainingRunOutput(run).data)
 
 
@@ -201,7 +201,7 @@ class RewardModelListApi(APIView):
     def get(self, request):
         params = self.InputSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
-        project = project_get_for_user(slug=params.validated_data["project"], user=request.user)
+        project = project_get_for_user(slug=params.validated_data["project"], user=request.user, manage=True)
         return Response(RewardModelOutput(selectors.reward_model_list(project=project), many=True).data)
 
 
@@ -215,7 +215,7 @@ class PolicyListApi(APIView):
     def get(self, request):
         params = self.InputSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
-        project = project_get_for_user(slug=params.validated_data["project"], user=request.user)
+        project = project_get_for_user(slug=params.validated_data["project"], user=request.user, manage=True)
         return Response(PolicyOutput(selectors.policy_list(project=project), many=True).data)
 
 

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from labeling.errors import DomainError, NotFound
 from labeling.models import Project
-from labeling.selectors import project_get_for_user, project_list_for_user
+from labeling.selectors import project_get_for_user, project_list_managed_by
 from rewards.models import (
     RERANK_LATENCY_BOUNDS_MS,
     RERANK_LATENCY_FIELDS,
@@ -46,10 +46,12 @@ def _runs() -> QuerySet[TrainingRun]:
 
 def training_run_list_for_user(*, user: AbstractBaseUser, project_slug: str | None = None,
                                status: str | None = None, kind: str | None = None) -> QuerySet[TrainingRun]:
+    """The runs of the projects the user manages (every project for staff): runs carry server paths, worker
+    names and tracebacks, which are for the people who run training, as the dashboard's training pages are."""
     if project_slug:
-        runs = _runs().filter(project=project_get_for_user(slug=project_slug, user=user))
+        runs = _runs().filter(project=project_get_for_user(slug=project_slug, user=user, manage=True))
     else:
-        runs = _runs().filter(project__in=project_list_for_user(user=user))
+        runs = _runs().filter(project__in=project_list_managed_by(user=user))
     if status:
         if status not in TrainingRun.Status.values:
             raise DomainError(f"Unknown status '{status}'.", field="status")

@@ -110,8 +110,10 @@ def test_list_and_deploy_api_with_permissions(project, manager, labeler, outside
     old = RewardModelFactory(project=project, version=1, artifact_path=str(_classifier(tmp_path / "1")))
     new = RewardModelFactory(project=project, version=2, artifact_path=str(_classifier(tmp_path / "2")))
     RewardModelFactory(version=1)
-    listed = client_for(labeler).get(URL, {"project": project.slug})
+    listed = client_for(manager).get(URL, {"project": project.slug})
     assert listed.status_code == 200 and [m["version"] for m in listed.json()] == [2, 1]
+    # Artifact paths and lineage are for the people who run training.
+    assert client_for(labeler).get(URL, {"project": project.slug}).status_code == 403
     assert client_for(outsider).get(URL, {"project": project.slug}).status_code == 404
     assert client_for(manager).get(URL).json()["error"]["field"] == "project"
     assert client_for(labeler).post(f"{URL}{new.pk}/deploy/").status_code == 403
@@ -148,7 +150,7 @@ def test_policy_list_api_shows_the_project_versions_newest_first_with_permission
     Policy.objects.create(project=ProjectFactory(), version=1, kind=Policy.Kind.DPO, artifact_path="/p/other")
 
     url = "/api/v1/policies/"
-    listed = client_for(labeler).get(url, {"project": project.slug})
+    listed = client_for(manager).get(url, {"project": project.slug})
     assert listed.status_code == 200
     assert [(p["id"], p["version"], p["kind"]) for p in listed.json()] == [(second.pk, 2, "rlhf"),
                                                                            (first.pk, 1, "dpo")]
@@ -156,7 +158,7 @@ def test_policy_list_api_shows_the_project_versions_newest_first_with_permission
         "id": second.pk, "project": project.slug, "kind": "rlhf", "version": 2, "training_run": run.pk,
         "artifact_path": "/p/2", "base_model": "", "metrics": {"reward_gain": 0.5}, "lineage": {},
         "is_deployed": False, "deployed_at": None, "created_at": listed.json()[0]["created_at"]}
-    assert client_for(manager).get(url, {"project": project.slug}).status_code == 200
+    assert client_for(labeler).get(url, {"project": project.slug}).status_code == 403
     assert client_for(admin_user).get(url, {"project": project.slug}).status_code == 200
     assert client_for(outsider).get(url, {"project": project.slug}).status_code == 404
     assert client_for(manager).get(url).json()["error"]["field"] == "project"

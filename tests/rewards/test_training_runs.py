@@ -136,8 +136,11 @@ def test_permissions_manager_202_labeler_403_outsider_404(project, manager, labe
     assert data["dataset"]["pairs"] == 4 and data["progress"]["step"] == 0
     assert client_for(admin_user).post(URL, body, format="json").status_code == 202
     run_url = f"{URL}{data['id']}/"
-    assert client_for(labeler).get(run_url).status_code == 200
+    # A run carries server paths, the worker's name and tracebacks: for the people who run training only.
+    assert client_for(labeler).get(run_url).status_code == 403
     assert client_for(outsider).get(run_url).status_code == 404
+    assert client_for(labeler).get(URL).json()["results"] == []
+    assert client_for(labeler).get(URL, {"project": project.slug}).status_code == 403
     assert client_for(labeler).post(f"{run_url}cancel/").status_code == 403
     assert client_for(outsider).post(f"{run_url}cancel/").status_code == 404
 
