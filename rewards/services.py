@@ -65,6 +65,7 @@ from rewards.training.common import (
     checkpoint_step,
     latest_checkpoint,
     policy_length_check,
+    policy_model_problem,
     resolve_base_model,
 )
 
@@ -278,6 +279,10 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
         raise DomainError(f"Project '{project.slug}' has no decided pairs to train on: label some pairs first "
                           "(ties, both-bad and split votes are not training data).", field="project",
                           code="empty_dataset")
+    if kind != TrainingRun.Kind.REWARD:
+        problem = policy_model_problem(base_model, conversational=any(isinstance(row.prompt, list) for row in rows))
+        if problem:
+            raise DomainError(f"{problem[0].upper()}{problem[1:]}.", field="base_model", code="invalid_base_model")
     train_ids, eval_ids = _split(rows, eval_fraction=eval_fraction, seed=seed)
     if not train_ids:
         raise DomainError("The split left no pairs to train on; lower eval_fraction or add prompts.",
@@ -949,6 +954,41 @@ def _weights_problem(folder: Path) -> str | None:
     return None
 
 
+def _safetensors_names(folder: Path) -> set[str] | None:
+    """The tensor names of a folder's safetensors weights (one file or the shards of an index), read from the
+    headers; None for PyTorch pickles, whose names cannot be read without loading them."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {str(name) for name in json.loads(index.read_text(encoding="utf-8"))["weight_map"]}
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        return None
+    with file.open("rb") as stream:
+        length = int.from_bytes(stream.read(8), "little")
+        return {name for name in json.loads(stream.read(length)) if name != "__metadata__"}
+
+
+def _score_head_missing(folder: Path, config: Any) -> list[str]:
+    """The parameters of the model's score head (those outside its base model) that its weights lack. A folder
+    saved from a bare encoder or decoder, with `num_labels` 1 written into its config, loads without an error,
+    only a warning, and scores with a head of random numbers. Built on the meta device: no memory, no weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    names = _safetensors_names(folder)
+    if names is None:
+        return []
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+    except Exception as exc:  # a model type transformers cannot score with
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DomainError(f"transformers has no sequence-classification model for this config: {reason}",
+                          field="path", code="not_a_reward_model") from exc
+    prefix = f"{model.base_model_prefix}."
+    return sorted(name for name in model.state_dict() if not name.startswith(prefix) and name not in names)
+
+
 def reward_model_folder_check(*, path: str | Path) -> Any:
     """Check that a folder holds a sequence-classification model with a single output; return its config."""
     folder = _absolute(path)
@@ -986,6 +1026,12 @@ def _reward_model_folder_check(folder: Path, *, path: str | Path) -> Any:
     if unreadable:
         raise DomainError(f"'{path}' has weights that cannot be read: {unreadable}.", field="path",
                           code="unreadable_weights")
+    missing = _score_head_missing(folder, config)
+    if missing:
+        raise DomainError(f"'{path}' has no weights for its score head ({', '.join(missing)}): transformers would "
+                          "start the head from random numbers and every score would be noise. Save the model with "
+                          "its head (AutoModelForSequenceClassification.save_pretrained).", field="path",
+                          code="not_a_reward_model")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise DomainError(f"'{path}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); save it into the folder "
                           "with tokenizer.save_pretrained.", field="path", code="missing_tokenizer")

@@ -151,6 +151,50 @@ def policy_length_check(lengths_fit: Callable[..., None], *, base_model: str | N
         lengths_fit(hyperparameters, positions=positions)
 
 
+# The architectures a config may name that do not generate text: an encoder, a bare model without its language-model
+# head, a classifier.
+NOT_GENERATIVE = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+                  "ForQuestionAnswering", "ForPreTraining", "ForMultipleChoice", "ForNextSentencePrediction")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def _has_chat_template(folder: Path) -> bool:
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def policy_model_problem(base_model: str | Path | None, *, conversational: bool) -> str | None:
+    """Why a base model cannot be a DPO or RLHF policy, told from its config.json and tokenizer_config.json
+    before a run is queued (blank is the embedded SmolLM2), or None. The worker would otherwise fail once it has
+    loaded the model: an encoder has no language-model head, and conversational prompts need a chat template."""
+    name = _base_name(base_model) or "smollm2"
+    finder = EMBEDDED_BASE_MODELS.get(name.lower())
+    if finder == "minilm_path":
+        return (f"{name} is a sentence encoder, the embedded reward-model backbone; a policy must be a causal language "
+                "model that generates text (smollm2, or a folder of one)")
+    if finder is not None:
+        return None
+    folder = Path(name).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # checked when the worker loads it
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if isinstance(architectures, list) and architectures and all(
+            isinstance(arch, str) and arch.endswith(NOT_GENERATIVE) for arch in architectures):
+        return (f"{name} is a {architectures[0]}, which does not generate text; a policy must be a causal language "
+                "model (a ...ForCausalLM)")
+    if conversational and not _has_chat_template(folder):
+        return (f"the tokenizer of {name} has no chat template, and this project's prompts are conversations; save "
+                "a tokenizer with one into the folder")
+    return None
+
+
 def resolve_base_model(base_model: str | Path | None, *, default: Callable[[], Path]) -> Path:
     """The local folder of a base model that passes base_model_check: `default()` when blank, the embedded
     model's folder (built on first use) for its name, else the folder itself."""

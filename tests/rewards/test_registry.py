@@ -90,6 +90,33 @@ def test_register_checks_the_folder_and_numbers_versions_per_project(project, tm
 
 
 @pytest.mark.django_db
+def test_a_folder_without_the_score_heads_weights_is_refused(project, tmp_path):
+    """A bare encoder whose config says `num_labels` 1 and names no architecture loads with only a warning, its head
+    drawn at random: every score would be noise. The check reads the weights' names, in one file or across shards."""
+    from transformers import BertModel
+
+    bare = tmp_path / "bare"
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=64, num_labels=1))
+    model.save_pretrained(bare)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(bare)
+    config = json.loads((bare / "config.json").read_text())
+    del config["architectures"]  # nothing left in the config says it is not a classifier
+    (bare / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DomainError) as exc:
+        services.reward_model_register(project=project, path=bare)
+    assert (exc.value.field, exc.value.code) == ("path", "not_a_reward_model")
+    assert "classifier.bias, classifier.weight" in exc.value.message
+    sharded = tmp_path / "sharded"
+    _classifier(tmp_path / "whole")
+    BertForSequenceClassification.from_pretrained(tmp_path / "whole").save_pretrained(sharded, max_shard_size="4KB")
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert services.reward_model_register(project=project, path=sharded).version == 1
+    assert not RewardModel.objects.filter(artifact_path=str(bare.resolve())).exists()
+
+
+@pytest.mark.django_db
 def test_register_api_only_reads_from_the_import_folders(project, manager, labeler, outsider, tmp_path, import_dir):
     inside = _classifier(import_dir / "rm")
     outside = _classifier(tmp_path / "outside")

@@ -105,6 +105,52 @@ def test_embedded_names_and_model_folders_are_accepted_as_base_models(project, t
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["dpo", "rlhf"])
+def test_a_policy_base_model_that_cannot_generate_or_chat_is_a_400_at_submission(project, manager, kind, tmp_path,
+                                                                                  settings):
+    """Accepted before, these runs failed in the worker once it had loaded the model: an encoder has no language-model
+    head, and a tokenizer without a chat template cannot build conversational prompts."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model
+
+    settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": [tmp_path]}
+    services.reward_model_register(project=project, path=tiny_reward_model(tmp_path), deploy=True)
+    labeled_pairs(project, count=4)
+    encoder = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(encoder)
+    no_template = tiny_causal_lm(tmp_path / "plain")
+    tokenizer = AutoTokenizer.from_pretrained(no_template)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(no_template)
+    for stale in ("chat_template.jinja", "chat_template.json"):
+        (no_template / stale).unlink(missing_ok=True)
+    with_template = tiny_causal_lm(tmp_path / "chat")
+
+    def submit(base_model: str):
+        return client_for(manager).post(URL, {"project": project.slug, "kind": kind, "base_model": base_model},
+                                        format="json")
+
+    for base_model, words in (("minilm", "sentence encoder"), (str(encoder), "BertModel, which does not generate")):
+        response = submit(base_model)
+        assert response.status_code == 400, response.json()
+        error = response.json()["error"]
+        assert (error["field"], error["code"]) == ("base_model", "invalid_base_model")
+        assert words in error["message"]
+    # String prompts need no chat template; conversations do.
+    assert submit(str(no_template)).status_code == 202
+    PairFactory(project=project, prompt__content=[{"role": "user", "content": "Hello?"}])
+    conversation = PairFactory(project=project, prompt__content=[{"role": "user", "content": "How are you?"}])
+    ImportedComparisonFactory(pair=conversation, choice=Comparison.Choice.A)
+    refused = submit(str(no_template))
+    assert refused.status_code == 400, refused.json()
+    assert "no chat template" in refused.json()["error"]["message"]
+    assert submit(str(with_template)).status_code == 202
+    assert submit("").status_code == 202  # the embedded SmolLM2
+
+
+@pytest.mark.django_db
 def test_an_empty_dataset_is_a_400(project, manager):
     tie = PairFactory(project=project)
     ImportedComparisonFactory(pair=tie, choice=Comparison.Choice.TIE)
