@@ -122,7 +122,8 @@ def training_hyperparameters_validate(*, kind: str, hyperparameters: dict[str, A
         validated = recipe.validate(dict(hyperparameters))
     except HyperparameterError as exc:
         field = f"hyperparameters.{exc.field}" if exc.field else "hyperparameters"
-        raise DomainError(exc.message, field=field, code="invalid_hyperparameter")
+        # Named in the message too, as the API's other validation errors are: a log line may show only the message.
+        raise DomainError(f"{field}: {exc.message}", field=field, code="invalid_hyperparameter")
     return dict(hyperparameters) if validated is None else dict(validated)
 
 
@@ -266,7 +267,8 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
         # model fails with an index error hours into the run, a rotary one trains on text it was not built for.
         _recipe(kind).length_check(base_model=base_model, hyperparameters=validated)
     except HyperparameterError as exc:
-        raise DomainError(exc.message, field=f"hyperparameters.{exc.field}", code="invalid_hyperparameter")
+        raise DomainError(f"hyperparameters.{exc.field}: {exc.message}", field=f"hyperparameters.{exc.field}",
+                          code="invalid_hyperparameter")
     reward_model = None
     if kind != TrainingRun.Kind.REWARD:
         reward_model = RewardModel.objects.filter(project=project, is_deployed=True).first()

@@ -122,6 +122,7 @@ def test_a_reward_max_length_past_the_backbones_positions_is_a_400_at_submission
         assert response.status_code == 400, response.json()
         error = response.json()["error"]
         assert error["field"] == "hyperparameters.max_length" and limit in error["message"], error
+        assert error["message"].startswith("hyperparameters.max_length: "), error  # named where only it is shown
     assert not TrainingRun.objects.exists()
     response = client.post(URL, {"project": project.slug, "kind": "reward", "hyperparameters": {"max_length": 512}},
                            format="json")
