@@ -151,8 +151,9 @@ def policy_length_check(lengths_fit: Callable[..., None], *, base_model: str | N
         lengths_fit(hyperparameters, positions=positions)
 
 
-# The architectures a config may name that do not generate text: an encoder, a bare model without its language-model
-# head, a classifier.
+# The architectures a config may name that generate text, and those that do not: an encoder, a bare model without
+# its language-model head (BertModel, LlamaModel), a classifier. GPT-2's GPT2LMHeadModel ends in "Model" too.
+GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 NOT_GENERATIVE = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
                   "ForQuestionAnswering", "ForPreTraining", "ForMultipleChoice", "ForNextSentencePrediction")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -185,9 +186,10 @@ def policy_model_problem(base_model: str | Path | None, *, conversational: bool)
     except (OSError, ValueError):
         return None  # checked when the worker loads it
     architectures = config.get("architectures") if isinstance(config, dict) else None
-    if isinstance(architectures, list) and architectures and all(
-            isinstance(arch, str) and arch.endswith(NOT_GENERATIVE) for arch in architectures):
-        return (f"{name} is a {architectures[0]}, which does not generate text; a policy must be a causal language "
+    names = [arch for arch in architectures if isinstance(arch, str)] if isinstance(architectures, list) else []
+    if names and not any(arch.endswith(GENERATIVE) for arch in names) and all(
+            arch.endswith(NOT_GENERATIVE) for arch in names):
+        return (f"{name} is a {names[0]}, which does not generate text; a policy must be a causal language "
                 "model (a ...ForCausalLM)")
     if conversational and not _has_chat_template(folder):
         return (f"the tokenizer of {name} has no chat template, and this project's prompts are conversations; save "
