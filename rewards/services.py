@@ -275,6 +275,14 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
         if kind == TrainingRun.Kind.RLHF and reward_model is None:
             raise DomainError("RLHF trains against the project's deployed reward model, and none is deployed.",
                               field="kind", code="no_reward_model")
+        if reward_model is not None:
+            # RLHF's reward and DPO's judge: files gone since the deploy would fail the run once it had trained.
+            try:
+                reward_model_folder_check(path=reward_model.artifact_path)
+            except DomainError as exc:
+                raise DomainError(f"The project's deployed reward model (version {reward_model.version}) cannot be "
+                                  f"loaded: {exc.message} Deploy another version.", field="kind",
+                                  code="artifact_missing") from exc
 
     rows = list(preference_rows(project=project))
     if not rows:

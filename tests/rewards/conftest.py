@@ -1,4 +1,4 @@
-"""Fixtures shared by the generation and best-of-N tests: a tiny policy and fresh model pools and caches."""
+"""Fixtures shared by the rewards tests: a tiny policy and reward model, fresh model pools and caches."""
 from __future__ import annotations
 
 import pytest
@@ -6,12 +6,25 @@ from django.core.cache import cache
 
 from rewards import generation, serving
 from rewards.models import Policy
-from tests.rewards.tiny import tiny_causal_lm
+from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model
 
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
     return tiny_causal_lm(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    return tiny_reward_model(tmp_path_factory.mktemp("rm"))
+
+
+@pytest.fixture
+def deployed(project, rm_dir):
+    """A tiny reward model registered and deployed for the project: what reranks, RLHF's reward, DPO's judge."""
+    from rewards.services import reward_model_register
+
+    return reward_model_register(project=project, path=rm_dir, deploy=True)
 
 
 @pytest.fixture

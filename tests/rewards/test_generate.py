@@ -14,23 +14,13 @@ from rewards.services import reward_model_register
 from tests.conftest import client_for
 from tests.factories import ProjectFactory, UserFactory
 from tests.rewards.test_rerank_real import minilm_reward_model
-from tests.rewards.tiny import tiny_causal_lm, tiny_reward_model, with_strict_chat_template
+from tests.rewards.tiny import tiny_causal_lm, with_strict_chat_template
 
 URL = "/api/v1/generate/"
 PROMPT = "Write a haiku about eggs."
 
 
 pytestmark = pytest.mark.usefixtures("fresh_model_pools")
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    return tiny_reward_model(tmp_path_factory.mktemp("rm"))
-
-
-@pytest.fixture
-def deployed(project, rm_dir):
-    return reward_model_register(project=project, path=rm_dir, deploy=True)
 
 
 @pytest.fixture

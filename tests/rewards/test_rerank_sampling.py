@@ -14,7 +14,6 @@ from rewards import serving
 from rewards.scoring import rerank_order, rerank_sample_into_queue
 from rewards.services import reward_model_register
 from tests.factories import ProjectFactory, UserFactory
-from tests.rewards.tiny import tiny_reward_model
 
 URL = "/api/v1/rerank/"
 PROMPT = "How do I boil an egg?"
@@ -87,11 +86,6 @@ def test_the_database_refuses_a_rate_outside_zero_to_one():
     project.rerank_sample_rate = 1.5
     with pytest.raises(IntegrityError):
         project.save()
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    return tiny_reward_model(tmp_path_factory.mktemp("rm"))
 
 
 def _client_and_project(rm_dir, **fields):

@@ -16,7 +16,7 @@ from rewards.training.data import PreferenceExample
 from rewards.training.dpo import generate_greedy_ids, load_policy, prompt_ids, train_dpo
 from rewards.training.rlhf import fit_prompt, train_rlhf
 from tests.conftest import client_for
-from tests.rewards.factories import RewardModelFactory, labeled_pairs
+from tests.rewards.factories import labeled_pairs
 from tests.rewards.tiny import tiny_reward_model
 
 URL = "/api/v1/training-runs/"
@@ -99,13 +99,12 @@ def long_dialogues(count: int, offset: int = 0) -> list[PreferenceExample]:
 ])
 def test_a_policy_length_past_its_positions_is_a_400_naming_the_field(project, manager, settings, gpt2_dir,
                                                                       llama_dir, policy, kind, hyperparameters,
-                                                                      field):
+                                                                      field, deployed):
     """GPT-2's config names its positions n_positions, Llama's max_position_embeddings: both are read, and both
     kinds of policy are held to them (rotary positions do not crash past the limit, they only degrade)."""
     folder = gpt2_dir if policy == "gpt2" else llama_dir
     settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": [folder.parent]}
     labeled_pairs(project, count=4)
-    RewardModelFactory(project=project, is_deployed=True, deployed_at="2024-01-01T00:00:00Z")
     response = client_for(manager).post(URL, {"project": project.slug, "kind": kind, "base_model": str(folder),
                                               "hyperparameters": hyperparameters}, format="json")
     assert response.status_code == 400, response.json()
@@ -122,10 +121,10 @@ def test_a_policy_length_past_its_positions_is_a_400_naming_the_field(project, m
     ("dpo", {"max_length": POSITIONS, "max_new_tokens": 500, "win_rate_prompts": 0}),
     ("rlhf", {"max_completion_length": POSITIONS - 1, "num_generations": 2, "per_device_train_batch_size": 2}),
 ])
-def test_lengths_that_fit_the_policy_are_accepted(project, manager, settings, gpt2_dir, kind, hyperparameters):
+def test_lengths_that_fit_the_policy_are_accepted(project, manager, settings, gpt2_dir, kind, hyperparameters,
+                                                  deployed):
     settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": [gpt2_dir.parent]}
     labeled_pairs(project, count=4)
-    RewardModelFactory(project=project, is_deployed=True, deployed_at="2024-01-01T00:00:00Z")
     response = client_for(manager).post(URL, {"project": project.slug, "kind": kind, "base_model": str(gpt2_dir),
                                               "hyperparameters": hyperparameters}, format="json")
     assert response.status_code == 202, response.json()

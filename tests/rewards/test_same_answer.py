@@ -23,7 +23,6 @@ from rewards.generation import cut_at_stop, request_seed
 from rewards.scoring import RewardScorer, rerank_cache_key
 from rewards.services import reward_model_register
 from tests.factories import UserFactory
-from tests.rewards.tiny import tiny_reward_model
 
 RERANK = "/api/v1/rerank/"
 GENERATE = "/api/v1/generate/"
@@ -37,18 +36,8 @@ pytestmark = pytest.mark.usefixtures("fresh_model_pools")
 
 
 @pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    return tiny_reward_model(tmp_path_factory.mktemp("rm"))
-
-
-@pytest.fixture(scope="module")
 def scorer(rm_dir):
     return RewardScorer.load(rm_dir, device="cpu")
-
-
-@pytest.fixture
-def deployed(project, rm_dir):
-    return reward_model_register(project=project, path=rm_dir, deploy=True)
 
 
 @pytest.fixture

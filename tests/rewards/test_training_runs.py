@@ -151,6 +151,23 @@ def test_a_policy_base_model_that_cannot_generate_or_chat_is_a_400_at_submission
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["dpo", "rlhf"])
+def test_a_deployed_reward_model_whose_files_are_gone_is_a_400_at_submission(project, manager, kind, tmp_path):
+    """RLHF's reward and DPO's judge: accepted before, the run failed once it had trained."""
+    from tests.rewards.tiny import tiny_reward_model
+
+    labeled_pairs(project, count=4)
+    deployed = services.reward_model_register(project=project, path=tiny_reward_model(tmp_path), deploy=True)
+    (tmp_path / "tiny-reward-bert" / "model.safetensors").unlink()
+    response = client_for(manager).post(URL, {"project": project.slug, "kind": kind}, format="json")
+    assert response.status_code == 400, response.json()
+    error = response.json()["error"]
+    assert (error["field"], error["code"]) == ("kind", "artifact_missing")
+    assert f"version {deployed.version}" in error["message"] and "no weights" in error["message"]
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.django_db
 def test_an_empty_dataset_is_a_400(project, manager):
     tie = PairFactory(project=project)
     ImportedComparisonFactory(pair=tie, choice=Comparison.Choice.TIE)
