@@ -189,7 +189,9 @@ class RewardEncoder:
 
     def encode(self, prompt: str | Messages, response: str) -> EncodedText:
         text, boundary = self.render(prompt, response)
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        # The whole text first, cut to max_length below: verbose=False keeps the tokenizer from warning, once per
+        # process, that a sequence this long would break the model ("indexing errors"), which read as a failure.
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         # A token that straddles the boundary carries the start of the response, so it counts as response.
         split = next((i for i, (_, end) in enumerate(offsets) if end > boundary), len(ids))

@@ -46,6 +46,22 @@ def test_short_plain_text_is_the_tokenizers_own_encoding(bert_tokenizer):
     assert not encoded.shortened and encoded.response_tokens == 1
 
 
+def test_a_text_past_the_models_positions_is_cut_without_the_tokenizers_warning(monkeypatch):
+    """The encoder reads the whole text and cuts it itself; the tokenizer's "indexing errors" warning about the
+    uncut text, printed during every first training run, read as a failure."""
+    import transformers.tokenization_utils_base as tokenization
+
+    warned = []
+    monkeypatch.setattr(tokenization.logger, "warning", lambda message, *args, **kwargs: warned.append(message))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # its own: the warning is given once per tokenizer
+    encoder = RewardEncoder(tokenizer, RewardFormat.for_tokenizer(tokenizer, max_length=256))
+    encoded = encoder.encode("word " * 600, "reply")
+    assert len(encoded.input_ids) == 256 and encoded.shortened
+    assert warned == []
+    tokenizer("word " * 600)  # the same text through the tokenizer's own call does warn
+    assert len(warned) == 1 and "longer than the specified maximum" in warned[0]
+
+
 def test_a_string_prompt_is_one_user_message(bert_tokenizer):
     encoder = RewardEncoder(bert_tokenizer, RewardFormat(max_length=64, template="plain"))
     assert encoder.encode("hello there", "hi") == encoder.encode([{"role": "user", "content": "hello there"}], "hi")
