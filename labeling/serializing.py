@@ -11,6 +11,7 @@ related-field lists.
 Only for serializers whose fields depend on the class alone, not on the instance, its context or its data.
 
 `StrictInputSerializer` is the base of the API's request bodies: a field it does not declare is refused.
+`QueryParamsSerializer` does the same for query parameters, and refuses a repeated or blank one too.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 
 from drf_spectacular.extensions import OpenApiSerializerExtension
 from rest_framework import serializers
+from rest_framework.settings import api_settings
 
 
 def _clone(field: serializers.Field) -> serializers.Field:
@@ -69,6 +71,24 @@ class StrictInputSerializer(serializers.Serializer):
                 known = ", ".join(self.fields)
                 raise serializers.ValidationError(
                     {name: [f"Unknown field; the fields are: {known}."] for name in unknown})
+        return super().to_internal_value(data)
+
+
+class QueryParamsSerializer(StrictInputSerializer):
+    """Query parameters, each named at most once and never blank: a misspelt, repeated or empty filter would
+    otherwise be dropped (or all but one value of it), and the caller shown a list it did not ask for. DRF's own
+    `?format=` (the renderer) is left to DRF unless the serializer declares a `format` of its own."""
+
+    def to_internal_value(self, data):
+        if hasattr(data, "getlist"):
+            data = data.copy()
+            if api_settings.URL_FORMAT_OVERRIDE not in self.fields:
+                data.pop(api_settings.URL_FORMAT_OVERRIDE, None)
+            errors = {name: ["Give this parameter once."] for name in data if len(data.getlist(name)) > 1}
+            errors.update({name: ["This parameter may not be blank."] for name in data
+                           if name in self.fields and name not in errors and data.get(name) == ""})
+            if errors:
+                raise serializers.ValidationError(errors)
         return super().to_internal_value(data)
 
 

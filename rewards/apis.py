@@ -5,12 +5,11 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema
 from rest_framework import serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
-from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from labeling.apis import ErrorSerializer
 from labeling.selectors import project_get_for_user
-from labeling.serializing import StrictInputSerializer
+from labeling.serializing import QueryParamsSerializer, StrictInputSerializer
 from rewards import selectors, services
 from rewards.models import Policy, RewardModel, TrainingRun
 
@@ -20,23 +19,6 @@ ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 409, 503)}
 RUNS_MAX_LIMIT = 200
 # PostgreSQL's OFFSET is a bigint; past it the query fails instead of finding nothing.
 OFFSET_MAX = 2**63 - 1
-
-
-class QueryParamsSerializer(StrictInputSerializer):
-    """Query parameters, each named at most once and never blank: a misspelt, repeated or empty filter would
-    otherwise be dropped (or all but one value of it), and the caller shown a list it did not ask for. DRF's own
-    `?format=` (the renderer) is left to DRF."""
-
-    def to_internal_value(self, data):
-        if hasattr(data, "getlist"):
-            data = data.copy()
-            data.pop(api_settings.URL_FORMAT_OVERRIDE, None)
-            errors = {name: ["Give this parameter once."] for name in data if len(data.getlist(name)) > 1}
-            errors.update({name: ["This parameter may not be blank."] for name in data
-                           if name in self.fields and name not in errors and data.get(name) == ""})
-            if errors:
-                raise serializers.ValidationError(errors)
-        return super().to_internal_value(data)
 
 
 class RunsPagination(LimitOffsetPagination):

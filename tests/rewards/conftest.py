@@ -52,3 +52,18 @@ def import_dir(settings, tmp_path):
     root.mkdir()
     settings.PREFLAB = {**settings.PREFLAB, "MODEL_IMPORT_DIRS": [root], "ARTIFACTS_DIR": tmp_path / "artifacts"}
     return root
+
+
+@pytest.fixture
+def key_client(project):
+    """An API client with a rerank key of the project."""
+    from rest_framework.test import APIClient
+
+    from labeling.models import ApiToken
+    from labeling.services import api_token_create
+    from tests.factories import UserFactory
+
+    _, key = api_token_create(user=UserFactory(), scope=ApiToken.Scope.RERANK, project=project, name="prod")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client

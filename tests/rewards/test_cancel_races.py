@@ -148,18 +148,25 @@ def test_a_cancel_just_after_the_success_is_refused_and_the_run_stays_succeeded(
     assert shown["produced"] == {"type": "reward_model", "id": model.pk, "version": model.version}
 
 
+def _cancel_when_called(monkeypatch, module, name: str, *, run_id: int) -> list[TrainingRun]:
+    """Cancel the run (as the API would, from another request) when the worker calls `module.name`, then let the
+    call go on; the list gets the run as the cancel left it."""
+    real = getattr(module, name)
+    told: list[TrainingRun] = []
+
+    def cancel_then_call(*args, **kwargs):
+        told.append(services.training_run_cancel(run=TrainingRun.objects.get(pk=run_id)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, cancel_then_call)
+    return told
+
+
 @pytest.mark.django_db
 def test_a_cancel_during_the_final_evaluation_ends_cancelled_and_removes_the_saved_folder(reward_run, monkeypatch):
     from rewards import scoring
 
-    real = scoring.evaluate_preferences
-    told: list[TrainingRun] = []
-
-    def cancel_then_evaluate(*args, **kwargs):
-        told.append(services.training_run_cancel(run=TrainingRun.objects.get(pk=reward_run.pk)))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scoring, "evaluate_preferences", cancel_then_evaluate)
+    told = _cancel_when_called(monkeypatch, scoring, "evaluate_preferences", run_id=reward_run.pk)
     run = services.training_run_execute(run_id=reward_run.pk)
     assert told[0].status == TrainingRun.Status.RUNNING and told[0].cancel_requested
     assert_cancelled_without_a_model(run)
@@ -174,14 +181,7 @@ def test_a_dpo_cancel_while_the_policy_is_saved_ends_cancelled_without_a_policy(
     run = services.training_run_start(
         project=project, kind="dpo", base_model=str(tiny_causal_lm(tmp_path)), eval_fraction=0.25, queue=False,
         hyperparameters={"max_steps": 1, "max_length": 64, "max_new_tokens": 4, "learning_rate": 1e-3})
-    real = dpo.save_policy
-    told: list[TrainingRun] = []
-
-    def cancel_while_saving(*args, **kwargs):
-        told.append(services.training_run_cancel(run=TrainingRun.objects.get(pk=run.pk)))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dpo, "save_policy", cancel_while_saving)
+    told = _cancel_when_called(monkeypatch, dpo, "save_policy", run_id=run.pk)
     run = services.training_run_execute(run_id=run.pk)
     assert told[0].status == TrainingRun.Status.RUNNING and told[0].cancel_requested
     assert_cancelled_without_a_model(run)

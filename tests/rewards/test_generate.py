@@ -5,8 +5,7 @@ import pytest
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
-from labeling.models import ApiToken, Membership
-from labeling.services import api_token_create
+from labeling.models import Membership
 from rewards import generation
 from rewards.generation import cut_at_stop
 from rewards.models import Policy
@@ -21,14 +20,6 @@ PROMPT = "Write a haiku about eggs."
 
 
 pytestmark = pytest.mark.usefixtures("fresh_model_pools")
-
-
-@pytest.fixture
-def key_client(project):
-    _, key = api_token_create(user=UserFactory(), scope=ApiToken.Scope.RERANK, project=project, name="prod")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    return client
 
 
 def _post(client, project, policy_row, **body):

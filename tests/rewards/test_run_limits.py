@@ -23,40 +23,40 @@ URL = "/api/v1/training-runs/"
 POSITIONS = 64
 
 
-def tiny_gpt2(folder: Path, *, positions: int = POSITIONS) -> Path:
-    """A randomly initialised 2-layer GPT-2 (learned absolute positions, `n_positions` in its config.json, no
-    `max_position_embeddings`) with the SmolLM2 tokenizer and chat template, built offline."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+def _tiny_policy(folder: Path, name: str, build) -> Path:
+    """`build(tokenizer)`'s model, seeded, saved as `folder/name` with the SmolLM2 tokenizer and chat template."""
+    from transformers import AutoTokenizer
 
     from rewards.embedded import smollm2_tokenizer_path
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_path())
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    path = Path(folder) / f"tiny-gpt2-{positions}"
-    GPT2LMHeadModel(config).save_pretrained(path)
+    path = Path(folder) / name
+    build(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_gpt2(folder: Path, *, positions: int = POSITIONS) -> Path:
+    """A randomly initialised 2-layer GPT-2 (learned absolute positions, `n_positions` in its config.json, no
+    `max_position_embeddings`) with the SmolLM2 tokenizer and chat template, built offline."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return _tiny_policy(folder, f"tiny-gpt2-{positions}", lambda tokenizer: GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)))
 
 
 def tiny_llama(folder: Path, *, positions: int = POSITIONS) -> Path:
     """A 1-layer Llama (rotary positions) that claims only `positions` positions."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rewards.embedded import smollm2_tokenizer_path
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=positions,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    path = Path(folder) / f"tiny-llama-{positions}"
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _tiny_policy(folder, f"tiny-llama-{positions}", lambda tokenizer: LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)))
 
 
 @pytest.fixture(scope="module")

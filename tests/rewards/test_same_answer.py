@@ -13,16 +13,12 @@ import threading
 
 import pytest
 from django.core.cache import cache
-from rest_framework.test import APIClient
 from transformers import AutoTokenizer
 
-from labeling.models import ApiToken
-from labeling.services import api_token_create
 from rewards import generation, scoring, serving
 from rewards.generation import cut_at_stop, request_seed
 from rewards.scoring import RewardScorer, rerank_cache_key
 from rewards.services import reward_model_register
-from tests.factories import UserFactory
 
 RERANK = "/api/v1/rerank/"
 GENERATE = "/api/v1/generate/"
@@ -38,14 +34,6 @@ pytestmark = pytest.mark.usefixtures("fresh_model_pools")
 @pytest.fixture(scope="module")
 def scorer(rm_dir):
     return RewardScorer.load(rm_dir, device="cpu")
-
-
-@pytest.fixture
-def key_client(project):
-    _, key = api_token_create(user=UserFactory(), scope=ApiToken.Scope.RERANK, project=project, name="prod")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    return client
 
 
 @pytest.fixture
