@@ -292,7 +292,7 @@ def _training_run_create(*, project: Project, kind: str, created_by: AbstractBas
     if kind != TrainingRun.Kind.REWARD:
         problem = policy_model_problem(base_model, conversational=any(isinstance(row.prompt, list) for row in rows))
         if problem:
-            raise DomainError(f"{problem[0].upper()}{problem[1:]}.", field="base_model", code="invalid_base_model")
+            raise DomainError(f"{problem}.", field="base_model", code="invalid_base_model")
     train_ids, eval_ids = _split(rows, eval_fraction=eval_fraction, seed=seed)
     if not train_ids:
         raise DomainError("The split left no pairs to train on; lower eval_fraction or add prompts.",

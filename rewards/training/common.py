@@ -176,8 +176,8 @@ def policy_model_problem(base_model: str | Path | None, *, conversational: bool)
     name = _base_name(base_model) or "smollm2"
     finder = EMBEDDED_BASE_MODELS.get(name.lower())
     if finder == "minilm_path":
-        return (f"{name} is a sentence encoder, the embedded reward-model backbone; a policy must be a causal language "
-                "model that generates text (smollm2, or a folder of one)")
+        return (f"The base model {name} is a sentence encoder, the embedded reward-model backbone; a policy must be "
+                "a causal language model that generates text (smollm2, or a folder of one)")
     if finder is not None:
         return None
     folder = Path(name).expanduser()
@@ -189,10 +189,10 @@ def policy_model_problem(base_model: str | Path | None, *, conversational: bool)
     names = [arch for arch in architectures if isinstance(arch, str)] if isinstance(architectures, list) else []
     if names and not any(arch.endswith(GENERATIVE) for arch in names) and all(
             arch.endswith(NOT_GENERATIVE) for arch in names):
-        return (f"{name} is a {names[0]}, which does not generate text; a policy must be a causal language "
-                "model (a ...ForCausalLM)")
+        return (f"The base model {name} is a {names[0]}, which does not generate text; a policy must be a causal "
+                "language model (a ...ForCausalLM)")
     if conversational and not _has_chat_template(folder):
-        return (f"the tokenizer of {name} has no chat template, and this project's prompts are conversations; save "
+        return (f"The tokenizer of {name} has no chat template, and this project's prompts are conversations; save "
                 "a tokenizer with one into the folder")
     return None
 
